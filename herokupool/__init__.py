@@ -1,0 +1,20 @@
+"""A real in-process connection pool for Django on psycopg2, configured the Heroku way."""
+
+from __future__ import annotations
+
+from herokupool.config import config
+from herokupool.errors import PoolClosed, PoolError, PoolTimeout
+from herokupool.pool import ConnectionPool
+from herokupool.registry import stats
+
+__all__ = [
+    "ConnectionPool",
+    "PoolClosed",
+    "PoolError",
+    "PoolTimeout",
+    "__version__",
+    "config",
+    "stats",
+]
+
+__version__ = "0.1.0.dev0"

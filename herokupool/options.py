@@ -1,0 +1,164 @@
+"""The pool's settings, stated once.
+
+Each setting has an upper-case name (the key in a database alias's ``OPTIONS``), the
+same name lower case as the :class:`~herokupool.pool.ConnectionPool` keyword, and a
+``POOL_``-prefixed environment variable read by :func:`herokupool.config`.  This
+module knows nothing of Django: it parses and checks values and reports problems as
+:class:`OptionError`, which each caller words for its own source (an environment
+variable, an ``OPTIONS`` key, a system check).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["OPTIONS", "OptionError", "PoolOption", "parse_options", "split_options"]
+
+
+class OptionError(ValueError):
+    """A pool setting has a bad value. ``name`` is the upper-case setting name."""
+
+    def __init__(self, name: str, value: object, rule: str) -> None:
+        self.name = name
+        self.value = value
+        self.rule = rule
+        super().__init__(f"{name} ({value!r}) {rule}")
+
+
+def _bool(name: str, value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        lowered = value.strip().lower()
+        if lowered in {"1", "true", "yes", "on"}:
+            return True
+        if lowered in {"0", "false", "no", "off", ""}:
+            return False
+    raise OptionError(name, value, "must be a boolean (true/false, 1/0, yes/no, on/off).")
+
+
+def _int(minimum: int) -> Callable[[str, object], int]:
+    def parse(name: str, value: object) -> int:
+        if isinstance(value, bool):
+            raise OptionError(name, value, f"must be a whole number >= {minimum}.")
+        try:
+            number = int(value.strip()) if isinstance(value, str) else int(value)  # type: ignore[call-overload]
+        except (TypeError, ValueError):
+            raise OptionError(name, value, f"must be a whole number >= {minimum}.") from None
+        if isinstance(value, float) and value != number:
+            raise OptionError(name, value, f"must be a whole number >= {minimum}.")
+        if number < minimum:
+            raise OptionError(name, value, f"must be a whole number >= {minimum}.")
+        return number
+
+    return parse
+
+
+def _seconds(*, allow_none: bool) -> Callable[[str, object], float | None]:
+    rule = "must be a number of seconds greater than 0" + (
+        " (or empty / none to disable)." if allow_none else "."
+    )
+
+    def parse(name: str, value: object) -> float | None:
+        if value is None or (isinstance(value, str) and value.strip().lower() in {"", "none"}):
+            if allow_none:
+                return None
+            raise OptionError(name, value, rule)
+        if isinstance(value, bool):
+            raise OptionError(name, value, rule)
+        try:
+            number = float(value.strip()) if isinstance(value, str) else float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise OptionError(name, value, rule) from None
+        if not math.isfinite(number) or number <= 0:
+            raise OptionError(name, value, rule)
+        return number
+
+    return parse
+
+
+def _sql(name: str, value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise OptionError(name, value, "must be an SQL statement such as 'DISCARD ALL'.")
+    return value.strip() or None
+
+
+@dataclass(frozen=True)
+class PoolOption:
+    name: str
+    default: Any
+    parse: Callable[[str, object], Any]
+    help: str
+
+    @property
+    def keyword(self) -> str:
+        """The :class:`~herokupool.pool.ConnectionPool` keyword argument."""
+        return self.name.lower()
+
+    @property
+    def env(self) -> str:
+        """The environment variable :func:`herokupool.config` reads."""
+        return f"POOL_{self.name}"
+
+
+#: Every pool setting, in documentation order.
+OPTIONS: tuple[PoolOption, ...] = (
+    PoolOption("MAX_CONNS", 4, _int(1), "most server connections this process opens for the alias"),
+    PoolOption("MIN_CONNS", 0, _int(0), "connections kept open while idle"),
+    PoolOption("TIMEOUT", 10.0, _seconds(allow_none=False), "seconds a borrower waits for a connection"),
+    PoolOption("MAX_LIFETIME", 3600.0, _seconds(allow_none=True), "seconds before a connection is recycled"),
+    PoolOption("MAX_IDLE", 600.0, _seconds(allow_none=True), "seconds an extra idle connection is kept"),
+    PoolOption("TEST_ON_BORROW", False, _bool, "run a validation query on every borrow"),
+    PoolOption(
+        "VALIDATE_AFTER", 0.5, _seconds(allow_none=True),
+        "idle seconds after which a borrow runs a validation query",
+    ),
+    PoolOption("RESET", None, _sql, "SQL run on every release, e.g. DISCARD ALL"),
+    PoolOption(
+        "LEAK_THRESHOLD", None, _seconds(allow_none=True),
+        "seconds a borrow may last before a warning with the borrower's stack",
+    ),
+)
+
+BY_NAME: Mapping[str, PoolOption] = {option.name: option for option in OPTIONS}
+
+
+def split_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split a database alias's ``OPTIONS`` into (pool settings, libpq options)."""
+    pool: dict[str, Any] = {}
+    libpq: dict[str, Any] = {}
+    for key, value in options.items():
+        (pool if key in BY_NAME else libpq)[key] = value
+    return pool, libpq
+
+
+def parse_options(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Parse upper-case pool settings into ``ConnectionPool`` keyword arguments.
+
+    Missing settings take their defaults.  Raises :class:`OptionError` for the first
+    bad value, and for ``MIN_CONNS`` greater than ``MAX_CONNS`` (with ``name``
+    ``"MIN_CONNS"``).
+    """
+    unknown = set(raw) - set(BY_NAME)
+    if unknown:
+        name = sorted(unknown)[0]
+        raise OptionError(name, raw[name], "is not a herokupool setting.")
+    kwargs = {
+        option.keyword: option.parse(option.name, raw[option.name])
+        if option.name in raw
+        else option.default
+        for option in OPTIONS
+    }
+    if kwargs["min_conns"] > kwargs["max_conns"]:
+        raise OptionError(
+            "MIN_CONNS",
+            kwargs["min_conns"],
+            f"is greater than MAX_CONNS ({kwargs['max_conns']}); "
+            "the minimum must not exceed the maximum.",
+        )
+    return kwargs
