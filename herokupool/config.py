@@ -1,9 +1,359 @@
-"""DATABASE_URL + POOL_* environment variables -> a Django DATABASES dict (being written)."""
+"""DATABASE_URL + POOL_* environment variables -> a Django ``DATABASES`` dict.
+
+:func:`config` reads the environment and calls :func:`parse`, which hands the URL to
+``dj_database_url.parse(url, engine=...)`` (herokupool writes no URL parser of its
+own) and then adds what a pooled alias needs: the pool settings in ``OPTIONS``,
+``CONN_MAX_AGE = 0``, ``sslmode=require`` on Heroku, ``DISABLE_SERVER_SIDE_CURSORS``
+behind PgBouncer.
+
+Every problem is an :class:`~django.core.exceptions.ImproperlyConfigured` whose one
+sentence names the variable, quotes the bad value and states the rule.  A database
+URL is never quoted (it carries the password) and errors are raised ``from None`` so
+that no chained exception shows it either.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import json
+import os
+import urllib.parse
+from collections.abc import Mapping
+from typing import Any, NoReturn
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+from herokupool._redact import scrub
+from herokupool.options import BY_NAME, OptionError, parse_options
+from herokupool.options import _bool as parse_flag
+
+__all__ = [
+    "DEFAULT_ENV",
+    "DEFAULT_ENV_PREFIX",
+    "MISSING_ENV_KEY",
+    "POOLED_ENGINES",
+    "POSTGIS_ENGINE",
+    "POSTGRESQL_ENGINE",
+    "config",
+    "is_local_host",
+    "is_pooled",
+    "missing_env_error",
+    "parse",
+    "pgbouncer_urls",
+]
+
+POSTGRESQL_ENGINE = "herokupool.db.backends.postgresql"
+POSTGIS_ENGINE = "herokupool.db.backends.postgis"
+POOLED_ENGINES = frozenset({POSTGRESQL_ENGINE, POSTGIS_ENGINE})
+
+#: The variable :func:`config` reads by default, as on Heroku.
+DEFAULT_ENV = "DATABASE_URL"
+#: Pool settings come from ``POOL_MAX_CONNS``, ``POOL_MIN_CONNS``, ...
+DEFAULT_ENV_PREFIX = "POOL_"
+#: Top-level key of an alias whose URL variable was unset; its value is the variable.
+MISSING_ENV_KEY = "HEROKUPOOL_MISSING_ENV"
+
+_POSTGRES_SCHEMES = frozenset({"postgres", "postgresql", "pgsql"})
+_LOCAL_HOSTS = frozenset({"", "localhost", "127.0.0.1", "::1"})
+_URL_SHAPE = "postgres://USER:PASSWORD@HOST:PORT/NAME"
 
 
-def config(*args: Any, **kwargs: Any) -> dict[str, dict[str, Any]]:
-    raise NotImplementedError
+def config(
+    env: str = DEFAULT_ENV,
+    default: str | None = None,
+    *,
+    alias: str = "default",
+    postgis: bool = False,
+    pgbouncer: bool | None = None,
+    ssl_require: bool | None = None,
+    env_prefix: str = DEFAULT_ENV_PREFIX,
+    **pool_options: Any,
+) -> dict[str, dict[str, Any]]:
+    """Return ``{alias: settings}`` for ``DATABASES`` from the URL in ``env``.
+
+    Use it as the whole setting (``DATABASES = herokupool.config()``) and merge more
+    calls in for followers: ``config("HEROKU_POSTGRESQL_PINK_URL", alias="replica",
+    env_prefix="REPLICA_POOL_")``.
+
+    Pool settings come from ``{env_prefix}MAX_CONNS`` and friends, overridden by
+    keyword arguments with the lower-case names (``max_conns=8``).  ``pgbouncer`` and
+    ``ssl_require`` default to ``None``: decided from the environment (see
+    :func:`parse`; ``{env_prefix}PGBOUNCER`` also turns PgBouncer handling on or off).
+
+    When ``env`` is unset or empty and there is no ``default``, this does not raise
+    (settings must import during Heroku's build, which runs collectstatic): the alias
+    gets herokupool's engine and a marker, and the first connection (and
+    ``manage.py check``) raises :func:`missing_env_error`.
+
+    Raises ``ImproperlyConfigured`` for a bad pool setting, an unknown URL scheme or a
+    malformed URL, and ``TypeError`` for an unknown keyword argument.
+    """
+    url = os.environ.get(env, "").strip()
+    if url:
+        source = env
+    elif default:
+        url, source = default, f"the default URL passed to herokupool.config() ({env} is unset)"
+    else:
+        source = ""
+
+    settings = _env_settings(env_prefix)
+    settings.update(_keyword_settings(pool_options, "config"))
+    if pgbouncer is None:
+        pgbouncer = _pgbouncer_from_env(env, url, env_prefix)
+
+    if not url:
+        _parse_pool_settings(settings, secret=None)  # a bad POOL_* fails now, not later
+        return {alias: _missing(env, postgis)}
+    return {alias: _parse(url, source, settings, postgis, pgbouncer, ssl_require)}
+
+
+def parse(
+    url: str,
+    *,
+    postgis: bool = False,
+    pgbouncer: bool = False,
+    ssl_require: bool | None = None,
+    **pool_options: Any,
+) -> dict[str, Any]:
+    """Return one alias's settings dict for a database URL; read no POOL_* variable.
+
+    ``postgres://``, ``postgresql://`` and ``pgsql://`` get herokupool's PostgreSQL
+    engine (PostGIS with ``postgis=True``), ``postgis://`` its PostGIS engine; other
+    schemes dj-database-url knows (``sqlite://``, ``mysql://``, ...) pass through
+    unpooled, exactly as ``dj_database_url.parse`` returns them.
+
+    On a pooled alias: URL query parameters are libpq ``OPTIONS``, except upper-case
+    pool settings (``?MAX_CONNS=2``, overridden by keyword arguments); ``CONN_MAX_AGE``
+    is 0; ``sslmode`` becomes ``require`` unless the URL has one, when ``ssl_require``
+    is true, or when it is ``None`` and the process runs on a Heroku dyno (``DYNO``
+    set) and the host is not local (localhost, 127.0.0.1, ::1 or a unix socket);
+    ``pgbouncer=True`` sets ``DISABLE_SERVER_SIDE_CURSORS``.
+
+    Raises ``ImproperlyConfigured`` for a bad pool setting, an unknown scheme or a
+    malformed URL, and ``TypeError`` for an unknown keyword argument.
+    """
+    settings = _keyword_settings(pool_options, "parse")
+    source = "the URL passed to herokupool.parse()"
+    return _parse(url, source, settings, postgis, pgbouncer, ssl_require)
+
+
+def missing_env_error(settings_dict: Mapping[str, Any]) -> ImproperlyConfigured | None:
+    """The error for an alias :func:`config` built without its URL, else ``None``.
+
+    The backend raises it on connect and the ``herokupool.E001`` check reports it.
+    """
+    env = settings_dict.get(MISSING_ENV_KEY)
+    if not env:
+        return None
+    return ImproperlyConfigured(
+        f"{env} is not set; set it to your database's URL ({_URL_SHAPE}) "
+        "or pass default= to herokupool.config()."
+    )
+
+
+def is_pooled(settings_dict: Mapping[str, Any]) -> bool:
+    """Whether a ``DATABASES`` entry uses one of herokupool's engines."""
+    return settings_dict.get("ENGINE") in POOLED_ENGINES
+
+
+# A pool setting's raw value and the words naming where it came from (a noun phrase
+# such as "POOL_MAX_CONNS" or "the max_conns argument of herokupool.config()").
+_Settings = dict[str, tuple[object, str]]
+
+
+def _env_settings(prefix: str) -> _Settings:
+    # A variable that is set but empty counts: "POOL_MAX_LIFETIME=" disables recycling.
+    return {
+        name: (os.environ[prefix + name], prefix + name)
+        for name in BY_NAME
+        if prefix + name in os.environ
+    }
+
+
+def _keyword_settings(pool_options: Mapping[str, Any], function: str) -> _Settings:
+    settings: _Settings = {}
+    for keyword, value in pool_options.items():
+        name = keyword.upper()
+        if keyword != name.lower() or name not in BY_NAME:
+            # The message Python gives for any function's unknown keyword argument.
+            raise TypeError(f"{function}() got an unexpected keyword argument {keyword!r}")
+        settings[name] = (value, f"the {keyword} argument of herokupool.{function}()")
+    return settings
+
+
+def _missing(env: str, postgis: bool) -> dict[str, Any]:
+    return {
+        "ENGINE": POSTGIS_ENGINE if postgis else POSTGRESQL_ENGINE,
+        "NAME": "",
+        "USER": "",
+        "PASSWORD": "",
+        "HOST": "",
+        "PORT": "",
+        "CONN_MAX_AGE": 0,
+        "OPTIONS": {},
+        MISSING_ENV_KEY: env,
+    }
+
+
+def _parse(
+    url: str,
+    source: str,
+    settings: _Settings,
+    postgis: bool,
+    pgbouncer: bool,
+    ssl_require: bool | None,
+) -> dict[str, Any]:
+    secret = _password(url)
+    try:
+        scheme = urllib.parse.urlsplit(url).scheme
+    except ValueError:
+        _malformed(source, secret)
+    if scheme in _POSTGRES_SCHEMES:
+        engine: str | None = POSTGIS_ENGINE if postgis else POSTGRESQL_ENGINE
+    elif scheme == "postgis":
+        engine = POSTGIS_ENGINE
+    else:
+        engine = None
+    parsed: dict[str, Any]
+    try:
+        if engine is None:
+            parsed = dict(dj_database_url.parse(url))
+        else:
+            parsed = dict(
+                dj_database_url.parse(
+                    url, engine=engine, conn_max_age=0, disable_server_side_cursors=pgbouncer
+                )
+            )
+    except dj_database_url.UnknownSchemeError:
+        _fail(
+            f"{_capital(source)} has an unknown scheme ({_scheme_text(scheme)}); use "
+            "postgres://, postgresql://, pgsql:// or postgis:// (or another scheme "
+            "dj-database-url knows, such as sqlite:// or mysql://).",
+            secret,
+        )
+    except ValueError:
+        _malformed(source, secret)
+
+    if engine is None:
+        # Pool settings are checked all the same, so a typo fails on SQLite too.
+        _parse_pool_settings(settings, secret)
+        return parsed
+
+    options: dict[str, Any] = parsed.setdefault("OPTIONS", {})
+    if "pool" in options:
+        _fail(
+            f"{_capital(source)} has a 'pool' query parameter, which asks for Django's own "
+            "psycopg 3 pool; herokupool already pools this alias's connections, so remove it.",
+            secret,
+        )
+    # The pgbouncer buildpack appends this Rails setting to the URLs it writes; it is
+    # no libpq parameter (psycopg2 prepares nothing), and libpq would refuse it.
+    options.pop("prepared_statements", None)
+    from_url: _Settings = {
+        name: (options.pop(name), f"{name} in the query string of {source}")
+        for name in list(options)
+        if name in BY_NAME
+    }
+    options.update(_parse_pool_settings({**from_url, **settings}, secret))
+    if "sslmode" not in options and _ssl_wanted(ssl_require, parsed.get("HOST", "")):
+        options["sslmode"] = "require"
+    return parsed
+
+
+def _parse_pool_settings(settings: _Settings, secret: str | None) -> dict[str, Any]:
+    """Parse each set value with options.py's rules; word errors for its source."""
+    parsed: dict[str, Any] = {}
+    for name, (value, label) in settings.items():
+        try:
+            parsed[name] = BY_NAME[name].parse(name, value)
+        except OptionError as error:
+            _fail(f"{_capital(label)} ({_quote(value)}) {error.rule}", secret)
+    try:
+        parse_options(parsed)  # the rules across settings: MIN_CONNS <= MAX_CONNS
+    except OptionError as error:
+        if error.name == "MIN_CONNS":
+            _, min_label = settings["MIN_CONNS"]
+            if "MAX_CONNS" in settings:
+                maximum = f"{settings['MAX_CONNS'][1]} ({parsed['MAX_CONNS']})"
+            else:
+                maximum = f"MAX_CONNS ({BY_NAME['MAX_CONNS'].default}, the default)"
+            _fail(
+                f"{_capital(min_label)} ({parsed['MIN_CONNS']}) is greater than {maximum}; "
+                "the minimum must not exceed the maximum.",
+                secret,
+            )
+        label = settings[error.name][1] if error.name in settings else error.name
+        _fail(f"{_capital(label)} ({_quote(error.value)}) {error.rule}", secret)
+    return parsed
+
+
+def _pgbouncer_from_env(env: str, url: str, prefix: str) -> bool:
+    flag = os.environ.get(prefix + "PGBOUNCER")
+    if flag is not None:
+        try:
+            return parse_flag(prefix + "PGBOUNCER", flag)
+        except OptionError as error:
+            _fail(f"{prefix}PGBOUNCER ({_quote(flag)}) {error.rule}", None)
+    if _is_pgbouncer_env(env):
+        return True
+    # DATABASE_URL set to a copy of one of those variables' values.
+    return bool(url) and url in pgbouncer_urls()
+
+
+def _is_pgbouncer_env(name: str) -> bool:
+    # Heroku's connection pooling attaches as DATABASE_CONNECTION_POOL_URL (or
+    # <NAME>_CONNECTION_POOL_URL with --as); the pgbouncer buildpack writes
+    # DATABASE_URL_PGBOUNCER for each of its PGBOUNCER_URLS.
+    return name.endswith(("CONNECTION_POOL_URL", "_URL_PGBOUNCER"))
+
+
+def pgbouncer_urls() -> list[str]:
+    """The URLs of PgBouncers in the environment (Heroku connection pooling, buildpack)."""
+    return [value for name, value in os.environ.items() if _is_pgbouncer_env(name) and value]
+
+
+def _ssl_wanted(ssl_require: bool | None, host: str) -> bool:
+    if ssl_require is not None:
+        return ssl_require
+    return "DYNO" in os.environ and not is_local_host(host)
+
+
+def is_local_host(host: str) -> bool:
+    """Whether libpq reaches ``host`` without leaving the machine (no TLS there)."""
+    # "/..." is a unix-socket directory, "@..." an abstract unix socket (libpq >= 14).
+    return host in _LOCAL_HOSTS or host.startswith(("/", "@", "127."))
+
+
+def _password(url: str) -> str | None:
+    """The URL's password if it can be found, to scrub from any message."""
+    try:
+        password = urllib.parse.urlsplit(url).password
+    except ValueError:
+        return None
+    return urllib.parse.unquote(password) if password else None
+
+
+def _malformed(source: str, secret: str | None) -> NoReturn:
+    _fail(
+        f"{_capital(source)} is not a valid database URL (its value is not shown: it may hold a "
+        f"password); it must look like {_URL_SHAPE}, with special characters in USER and "
+        "PASSWORD percent-encoded.",
+        secret,
+    )
+
+
+def _fail(message: str, secret: str | None) -> NoReturn:
+    # "from None": the exception being handled may carry the URL.
+    raise ImproperlyConfigured(scrub(message, secret)) from None
+
+
+def _quote(value: object) -> str:
+    return json.dumps(value, ensure_ascii=False) if isinstance(value, str) else repr(value)
+
+
+def _scheme_text(scheme: str) -> str:
+    return f"'{scheme}://'" if scheme else "none given"
+
+
+def _capital(phrase: str) -> str:
+    return phrase[:1].upper() + phrase[1:]

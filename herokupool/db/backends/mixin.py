@@ -1,0 +1,162 @@
+"""Every Django hook of herokupool's backends, in one mixin.
+
+``postgresql/base.py`` and ``postgis/base.py`` compose this mixin with Django's own
+wrappers; everything else (SQL, introspection, schema editing, test databases) is
+Django's.  Each process keeps one :class:`~herokupool.pool.ConnectionPool` per alias
+and connection parameters, created on first use.
+
+Django runs ``connect()`` on every borrow: it re-applies autocommit, the isolation
+level, the time zone and the role, and sends ``connection_created`` each time.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import TYPE_CHECKING, Any
+
+import psycopg2
+import psycopg2.extensions
+import psycopg2.extras
+from django.core.exceptions import ImproperlyConfigured
+from django.db.backends.base.base import NO_DB_ALIAS
+from django.db.backends.postgresql.psycopg_any import IsolationLevel, is_psycopg3
+
+from herokupool import registry
+from herokupool._redact import SECRET_KEYS
+from herokupool.config import missing_env_error
+from herokupool.options import OptionError, parse_options, split_options
+from herokupool.pool import ConnectionPool
+
+if is_psycopg3:  # pragma: no cover - depends on what is installed
+    raise ImproperlyConfigured(
+        "herokupool's backends run on psycopg2, but Django's PostgreSQL backend chose "
+        "psycopg 3 because the 'psycopg' package is installed. Uninstall psycopg, or use "
+        "Django's own pool (OPTIONS={'pool': True}) with psycopg 3 instead."
+    )
+
+if TYPE_CHECKING:
+    from django.db.backends.postgresql.base import DatabaseWrapper as _Base
+else:
+    _Base = object
+
+__all__ = ["PooledDatabaseWrapperMixin"]
+
+
+def _open(params: dict[str, Any]) -> Any:
+    """Open one physical connection the way Django's own backend does."""
+    conn = psycopg2.connect(**params)
+    # Idle pooled connections stay in autocommit, so nothing the pool runs on them
+    # (validation, reset) can leave a transaction open; Django sets it per borrow.
+    conn.autocommit = True
+    # What Django's get_new_connection() registers: skip psycopg2's json decoding,
+    # JSONField decodes itself.
+    psycopg2.extras.register_default_jsonb(conn_or_curs=conn, loads=lambda x: x)
+    return conn
+
+
+class PooledDatabaseWrapperMixin(_Base):
+    """Borrow connections from this process's pool instead of opening them."""
+
+    _herokupool_pool: ConnectionPool | None = None
+
+    @property
+    def _pooled(self) -> bool:
+        # Django's connections to the maintenance database (CREATE/DROP DATABASE for
+        # tests) must not linger in a pool: they would block DROP DATABASE.
+        return self.alias != NO_DB_ALIAS
+
+    def get_connection_params(self) -> dict[str, Any]:
+        error = missing_env_error(self.settings_dict)
+        if error is not None:
+            raise error
+        params = super().get_connection_params()
+        for name in split_options(self.settings_dict["OPTIONS"])[0]:
+            params.pop(name, None)
+        return params
+
+    def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
+        if not self._pooled:
+            return super().get_new_connection(conn_params)
+        pool = registry.get(self.alias, _pool_key(conn_params), lambda: self._new_pool(conn_params))
+        conn = pool.borrow()
+        self._herokupool_pool = pool
+        # As Django's get_new_connection(): the isolation level from OPTIONS, or the
+        # server's default (the pool reset the session's on release).
+        level = self.settings_dict["OPTIONS"].get("isolation_level")
+        if level is None:
+            self.isolation_level = IsolationLevel.READ_COMMITTED
+        else:
+            try:
+                self.isolation_level = IsolationLevel(level)
+            except ValueError:
+                pool.release(conn)
+                self._herokupool_pool = None
+                raise ImproperlyConfigured(
+                    f"Invalid transaction isolation level {level} specified. "
+                    "Use one of the psycopg.IsolationLevel values."
+                ) from None
+            conn.isolation_level = self.isolation_level
+        return conn
+
+    def _new_pool(self, conn_params: dict[str, Any]) -> ConnectionPool:
+        settings, _ = split_options(self.settings_dict["OPTIONS"])
+        try:
+            kwargs = parse_options(settings)
+        except OptionError as error:
+            raise ImproperlyConfigured(
+                f"DATABASES[{self.alias!r}]['OPTIONS']['{error.name}'] ({error.value!r}) "
+                f"{error.rule}"
+            ) from None
+        params = dict(conn_params)
+        # Bound the time a borrower can spend connecting to an unreachable server.
+        params.setdefault("connect_timeout", max(2, math.ceil(kwargs["timeout"])))
+        return ConnectionPool(lambda: _open(params), name=self.alias, **kwargs)
+
+    def _close(self) -> None:
+        pool, self._herokupool_pool = self._herokupool_pool, None
+        if self.connection is None or pool is None:
+            super()._close()
+            return
+        conn = self.connection
+        # Never leave the wrapper holding a connection another thread may now have
+        # (close() keeps it inside an atomic block).
+        self.connection = None
+        with self.wrap_database_errors:
+            pool.release(conn)
+
+    def close_pool(self) -> None:
+        """Close every pool of this alias in this process.
+
+        Django calls this before creating, cloning and dropping test databases and when
+        the time zone settings change; connections borrowed at that moment are closed
+        when released.
+        """
+        registry.close(self.alias)
+
+    def close_if_health_check_failed(self) -> None:
+        if self._pooled and self._herokupool_pool is not None:
+            return  # the pool checks every connection before lending it
+        super().close_if_health_check_failed()
+
+
+def _pool_key(conn_params: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted((k, repr(v)) for k, v in conn_params.items() if k not in SECRET_KEYS))
+
+
+def _forget_inherited_connections() -> None:
+    """In a forked child, drop this thread's wrappers' borrowed connections unclosed.
+
+    The pool already detached them (see ``pool.py``); the wrapper must not go on
+    using a socket its parent owns.
+    """
+    from django.db import connections
+
+    for wrapper in connections.all(initialized_only=True):
+        if isinstance(wrapper, PooledDatabaseWrapperMixin) and wrapper._herokupool_pool:
+            wrapper.connection = None
+            wrapper._herokupool_pool = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_inherited_connections)

@@ -1,0 +1,70 @@
+"""The process's pools, keyed by Django alias and connection parameters.
+
+Django asks for a connection through a fresh call to ``get_connection_params()`` each
+time, and a test run changes ``NAME`` under an alias; keying on the parameters (the
+password left out) gives the test database its own pool, and ``close(alias)`` closes
+them all.  Pools reinitialise themselves in a forked child (see ``pool.py``), so the
+registry survives ``fork()`` as it is: only its own lock is replaced.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Hashable
+
+from herokupool.pool import ConnectionPool
+
+__all__ = ["close", "close_all", "get", "stats"]
+
+_lock = threading.Lock()
+_pools: dict[str, dict[Hashable, ConnectionPool]] = {}
+
+
+def get(alias: str, key: Hashable, factory: Callable[[], ConnectionPool]) -> ConnectionPool:
+    """Return the open pool for ``(alias, key)``, creating it with ``factory()`` once."""
+    pool = _pools.get(alias, {}).get(key)  # lock-free fast path: dict reads are atomic
+    if pool is not None and not pool.closed:
+        return pool
+    with _lock:
+        pools = _pools.setdefault(alias, {})
+        pool = pools.get(key)
+        if pool is None or pool.closed:
+            pool = pools[key] = factory()
+            # Newest last: stats() reports the pool most recently created for an alias.
+            pools[key] = pools.pop(key)
+        return pool
+
+
+def close(alias: str) -> None:
+    """Close every pool of ``alias`` (idle connections now, borrowed ones on release)."""
+    with _lock:
+        pools = _pools.pop(alias, {})
+    for pool in pools.values():
+        pool.close()
+
+
+def close_all() -> None:
+    """Close every pool of this process."""
+    for alias in list(_pools):
+        close(alias)
+
+
+def stats() -> dict[str, dict[str, int | float]]:
+    """``{alias: stats}`` for every alias with a pool in this process.
+
+    See :meth:`ConnectionPool.stats` for the keys; no value ever holds connection
+    parameters.
+    """
+    with _lock:
+        newest = {alias: list(pools.values())[-1] for alias, pools in _pools.items() if pools}
+    return {alias: pool.stats() for alias, pool in sorted(newest.items())}
+
+
+def _after_fork_in_child() -> None:
+    global _lock
+    _lock = threading.Lock()  # another thread may have held it at fork time
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,137 @@
+"""Shared fixtures: the test PostgreSQL server and the rule that nothing may skip in CI.
+
+The server is HEROKUPOOL_TEST_DSN (or DATABASE_URL, as Heroku CI sets it) when given;
+otherwise an embedded PostgreSQL is started for the session in a temporary folder,
+so ``make test`` passes on a machine with nothing running.
+
+With HEROKUPOOL_REQUIRE_SERVICES=1 (as .ci/run sets) a test that would skip for a
+missing service (PostGIS, PgBouncer, ...) fails instead, and so does any other skip:
+a skipped test proves nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg2
+import pytest
+
+REQUIRE_SERVICES = os.environ.get("HEROKUPOOL_REQUIRE_SERVICES", "") not in ("", "0")
+
+
+def require(available: bool, what: str) -> None:
+    """Skip (locally) or fail (in CI) when a service a test needs is missing."""
+    if available:
+        return
+    if REQUIRE_SERVICES:
+        pytest.fail(f"{what} is required (HEROKUPOOL_REQUIRE_SERVICES=1) but missing")
+    pytest.skip(f"{what} is not available")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if REQUIRE_SERVICES and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"skipped, and HEROKUPOOL_REQUIRE_SERVICES=1 forbids skips: {reason}"
+
+
+@dataclass(frozen=True)
+class Server:
+    """A PostgreSQL server the tests may create databases on (as a superuser)."""
+
+    url: str  # to the "postgres" database
+    embedded: bool
+
+    def url_for(self, dbname: str) -> str:
+        parts = urlsplit(self.url)
+        return urlunsplit(parts._replace(path="/" + dbname))
+
+    def connect(self, dbname: str = "postgres") -> Any:
+        conn = psycopg2.connect(self.url_for(dbname))
+        conn.autocommit = True
+        return conn
+
+    def create_database(self, dbname: str) -> str:
+        with self.connect() as conn, conn.cursor() as cursor:
+            cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", [dbname])
+            if cursor.fetchone() is None:
+                cursor.execute(f'CREATE DATABASE "{dbname}"')
+        return self.url_for(dbname)
+
+    def has_extension(self, name: str) -> bool:
+        conn = self.connect()
+        try:
+            with conn.cursor() as cursor:
+                cursor.execute("SELECT 1 FROM pg_available_extensions WHERE name = %s", [name])
+                return cursor.fetchone() is not None
+        finally:
+            conn.close()
+
+
+def _env_dsn() -> str | None:
+    return os.environ.get("HEROKUPOOL_TEST_DSN") or os.environ.get("DATABASE_URL") or None
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[Server]:
+    dsn = _env_dsn()
+    if dsn:
+        yield Server(url=urlunsplit(urlsplit(dsn)._replace(path="/postgres")), embedded=False)
+        return
+    from devtools.pgcluster import PostgresCluster, find_bindir
+
+    datadir = tempfile.mkdtemp(prefix="herokupool-pg-")
+    cluster = PostgresCluster(datadir, bindir=find_bindir("embedded"))
+    cluster.init()
+    cluster.start()
+    try:
+        yield Server(url=cluster.dsn("postgres"), embedded=True)
+    finally:
+        cluster.stop(mode="immediate")
+        shutil.rmtree(datadir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def dsn(pg_server: Server) -> str:
+    """URL of a database the integration tests own (created once per session)."""
+    return pg_server.create_database("herokupool_test")
+
+
+@pytest.fixture
+def admin(pg_server: Server) -> Iterator[Any]:
+    """An autocommit superuser connection for observing the server (pg_stat_activity)."""
+    conn = pg_server.connect()
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
+def app_name() -> str:
+    """A unique application_name, so pg_stat_activity counts only this test's sessions."""
+    return f"hp-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="session")
+def django_db_modify_db_settings(pg_server: Server) -> None:
+    """Point Django's test settings at the session's server (in place, before any use)."""
+    from django.conf import settings
+
+    parts = urlsplit(pg_server.url)
+    settings.DATABASES["default"].update(
+        {
+            "HOST": parts.hostname or "",
+            "PORT": str(parts.port or ""),
+            "USER": parts.username or "",
+            "PASSWORD": parts.password or "",
+        }
+    )

@@ -1,0 +1,129 @@
+"""Fake connections and a fake clock for unit tests of the pool logic (no database)."""
+
+from __future__ import annotations
+
+import itertools
+import socket
+import threading
+from typing import Any
+
+import psycopg2
+from psycopg2 import extensions as ext
+
+
+class FakeClock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class FakeCursor:
+    def __init__(self, conn: FakeConnection) -> None:
+        self.conn = conn
+
+    def __enter__(self) -> FakeCursor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def execute(self, sql: str) -> None:
+        if self.conn.closed or self.conn.server_gone:
+            self.conn.closed = 2
+            raise psycopg2.OperationalError("server closed the connection unexpectedly")
+        self.conn.executed.append(sql)
+        if not self.conn.autocommit and self.conn.status == ext.TRANSACTION_STATUS_IDLE:
+            self.conn.status = ext.TRANSACTION_STATUS_INTRANS
+
+
+class FakeConnection:
+    """Just the part of psycopg2's connection the pool uses, with a real socket.
+
+    ``kill()`` closes the "server" end of the socket, as pg_terminate_backend or a
+    server restart would: the pool's zero-timeout poll then sees it readable.
+    """
+
+    _ids = itertools.count(1)
+    instances: list[FakeConnection] = []
+
+    def __init__(self) -> None:
+        self.id = next(self._ids)
+        self.closed = 0
+        self.autocommit = True
+        self.status = ext.TRANSACTION_STATUS_IDLE
+        self.isolation_level: int | None = None
+        self.readonly: bool | None = None
+        self.deferrable: bool | None = None
+        self.executed: list[str] = []
+        self.rollbacks = 0
+        self.server_gone = False
+        self._client, self._server = socket.socketpair()
+        FakeConnection.instances.append(self)
+
+    def __repr__(self) -> str:
+        return f"<FakeConnection {self.id}>"
+
+    def fileno(self) -> int:
+        return self._client.fileno()
+
+    def get_transaction_status(self) -> int:
+        return ext.TRANSACTION_STATUS_UNKNOWN if self.closed else self.status
+
+    def cursor(self) -> FakeCursor:
+        return FakeCursor(self)
+
+    def rollback(self) -> None:
+        if self.closed:
+            raise psycopg2.InterfaceError("connection already closed")
+        self.rollbacks += 1
+        self.status = ext.TRANSACTION_STATUS_IDLE
+
+    def set_session(self, **kwargs: Any) -> None:
+        self.isolation_level = self.readonly = self.deferrable = None
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = 1
+            self._client.close()
+            self._server.close()
+
+    def dispose(self) -> None:
+        """Free the sockets at the end of a test, whatever the pool did."""
+        self._client.close()
+        self._server.close()
+
+    def kill(self) -> None:
+        """The server ends this session while it sits idle."""
+        self.server_gone = True
+        self._server.close()
+
+    def begin(self) -> None:
+        """Simulate the application opening a transaction."""
+        self.autocommit = False
+        self.status = ext.TRANSACTION_STATUS_INTRANS
+
+
+class FakeDriver:
+    """A connect() callable that records what it opened and can be made to fail."""
+
+    def __init__(self) -> None:
+        self.opened: list[FakeConnection] = []
+        self.fail_with: BaseException | None = None
+        self.lock = threading.Lock()
+
+    def __call__(self) -> FakeConnection:
+        if self.fail_with is not None:
+            raise self.fail_with
+        conn = FakeConnection()
+        with self.lock:
+            self.opened.append(conn)
+        return conn
+
+    @property
+    def open_count(self) -> int:
+        return sum(1 for conn in self.opened if not conn.closed)
