@@ -62,10 +62,14 @@ class Server:
         return conn
 
     def create_database(self, dbname: str) -> str:
-        with self.connect() as conn, conn.cursor() as cursor:
-            cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", [dbname])
-            if cursor.fetchone() is None:
-                cursor.execute(f'CREATE DATABASE "{dbname}"')
+        conn = self.connect()
+        try:
+            with conn.cursor() as cursor:
+                cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", [dbname])
+                if cursor.fetchone() is None:
+                    cursor.execute(f'CREATE DATABASE "{dbname}"')
+        finally:
+            conn.close()
         return self.url_for(dbname)
 
     def has_extension(self, name: str) -> bool:

@@ -78,7 +78,8 @@ class PooledDatabaseWrapperMixin(_Base):
     def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
         if not self._pooled:
             return super().get_new_connection(conn_params)
-        pool = registry.get(self.alias, _pool_key(conn_params), lambda: self._new_pool(conn_params))
+        key = _pool_key(conn_params, self.settings_dict["OPTIONS"])
+        pool = registry.get(self.alias, key, lambda: self._new_pool(conn_params))
         conn = pool.borrow()
         self._herokupool_pool = pool
         # As Django's get_new_connection(): the isolation level from OPTIONS, or the
@@ -140,8 +141,17 @@ class PooledDatabaseWrapperMixin(_Base):
         super().close_if_health_check_failed()
 
 
-def _pool_key(conn_params: dict[str, Any]) -> tuple[tuple[str, str], ...]:
-    return tuple(sorted((k, repr(v)) for k, v in conn_params.items() if k not in SECRET_KEYS))
+def _pool_key(conn_params: dict[str, Any], options: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    """What makes two pools of one alias different: the libpq parameters (the password
+    left out) and the pool settings."""
+    pool_settings, _ = split_options(options)
+    return tuple(
+        sorted(
+            (key, repr(value))
+            for key, value in {**conn_params, **pool_settings}.items()
+            if key not in SECRET_KEYS
+        )
+    )
 
 
 def _forget_inherited_connections() -> None:
@@ -152,7 +162,11 @@ def _forget_inherited_connections() -> None:
     """
     from django.db import connections
 
-    for wrapper in connections.all(initialized_only=True):
+    try:
+        wrappers = connections.all(initialized_only=True)
+    except Exception:  # settings not configured in this process: nothing to forget
+        return
+    for wrapper in wrappers:
         if isinstance(wrapper, PooledDatabaseWrapperMixin) and wrapper._herokupool_pool:
             wrapper.connection = None
             wrapper._herokupool_pool = None

@@ -1,0 +1,52 @@
+# herokupool's developer commands. `make run` and `make test` need nothing running:
+# without DATABASE_URL / HEROKUPOOL_TEST_DSN they start an embedded PostgreSQL.
+PYTHON ?= $(shell command -v python3.12 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: help venv test test-unit test-fresh matrix lint format run bench bench-quick clean
+
+help:
+	@echo "make run          the demo app (embedded PostgreSQL unless DATABASE_URL is set)"
+	@echo "make test         the whole test suite on this Python"
+	@echo "make test-unit    the tests that need no database"
+	@echo "make test-fresh   the integration suite on an embedded PostgreSQL (ignores DSNs)"
+	@echo "make matrix       unit tests across Python x Django with tox"
+	@echo "make lint         ruff and mypy (strict)"
+	@echo "make bench        the benchmark against peers; make bench-quick for a short run"
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test,lint,demo]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -X dev -m pytest $(PYTEST_ARGS)
+
+test-unit: $(STAMP)
+	$(BIN)/python -X dev -m pytest tests/unit $(PYTEST_ARGS)
+
+# The "fresh machine" run: no DSN, so the suite starts its own embedded PostgreSQL.
+# PostGIS ships only with the system packages, so those tests are deselected here
+# (they run in `make test`).
+test-fresh: $(STAMP)
+	env -u HEROKUPOOL_TEST_DSN -u DATABASE_URL $(BIN)/python -X dev -m pytest tests -m "not postgis" $(PYTEST_ARGS)
+
+matrix: $(STAMP)
+	$(BIN)/python -m tox run-parallel --parallel 2 --parallel-no-spinner $(TOX_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf $(VENV) .tox build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
