@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from herokupool.config import config
+from herokupool.config import config, parse
 from herokupool.errors import PoolClosed, PoolError, PoolTimeout
 from herokupool.pool import ConnectionPool
 from herokupool.registry import stats
@@ -14,6 +14,7 @@ __all__ = [
     "PoolTimeout",
     "__version__",
     "config",
+    "parse",
     "stats",
 ]
 

@@ -99,7 +99,7 @@ def config(
     settings = _env_settings(env_prefix)
     settings.update(_keyword_settings(pool_options, "config"))
     if pgbouncer is None:
-        pgbouncer = _pgbouncer_from_env(env, url, env_prefix)
+        pgbouncer = _pgbouncer_from_env(env, url, env_prefix, _password(url))
 
     if not url:
         _parse_pool_settings(settings, secret=None)  # a bad POOL_* fails now, not later
@@ -207,7 +207,7 @@ def _parse(
     try:
         scheme = urllib.parse.urlsplit(url).scheme
     except ValueError:
-        _malformed(source, secret)
+        _malformed(source)
     if scheme in _POSTGRES_SCHEMES:
         engine: str | None = POSTGIS_ENGINE if postgis else POSTGRESQL_ENGINE
     elif scheme == "postgis":
@@ -226,13 +226,12 @@ def _parse(
             )
     except dj_database_url.UnknownSchemeError:
         _fail(
-            f"{_capital(source)} has an unknown scheme ({_scheme_text(scheme)}); use "
+            f"{_capital(source)} has an unknown scheme ({_scheme_text(scheme, secret)}); use "
             "postgres://, postgresql://, pgsql:// or postgis:// (or another scheme "
-            "dj-database-url knows, such as sqlite:// or mysql://).",
-            secret,
+            "dj-database-url knows, such as sqlite:// or mysql://)."
         )
     except ValueError:
-        _malformed(source, secret)
+        _malformed(source)
 
     if engine is None:
         # Pool settings are checked all the same, so a typo fails on SQLite too.
@@ -243,8 +242,7 @@ def _parse(
     if "pool" in options:
         _fail(
             f"{_capital(source)} has a 'pool' query parameter, which asks for Django's own "
-            "psycopg 3 pool; herokupool already pools this alias's connections, so remove it.",
-            secret,
+            "psycopg 3 pool; herokupool already pools this alias's connections, so remove it."
         )
     # The pgbouncer buildpack appends this Rails setting to the URLs it writes; it is
     # no libpq parameter (psycopg2 prepares nothing), and libpq would refuse it.
@@ -267,7 +265,7 @@ def _parse_pool_settings(settings: _Settings, secret: str | None) -> dict[str, A
         try:
             parsed[name] = BY_NAME[name].parse(name, value)
         except OptionError as error:
-            _fail(f"{_capital(label)} ({_quote(value)}) {error.rule}", secret)
+            _fail(f"{_capital(label)} ({_quote(value, secret)}) {error.rule}")
     try:
         parse_options(parsed)  # the rules across settings: MIN_CONNS <= MAX_CONNS
     except OptionError as error:
@@ -279,21 +277,20 @@ def _parse_pool_settings(settings: _Settings, secret: str | None) -> dict[str, A
                 maximum = f"MAX_CONNS ({BY_NAME['MAX_CONNS'].default}, the default)"
             _fail(
                 f"{_capital(min_label)} ({parsed['MIN_CONNS']}) is greater than {maximum}; "
-                "the minimum must not exceed the maximum.",
-                secret,
+                "the minimum must not exceed the maximum."
             )
         label = settings[error.name][1] if error.name in settings else error.name
-        _fail(f"{_capital(label)} ({_quote(error.value)}) {error.rule}", secret)
+        _fail(f"{_capital(label)} ({_quote(error.value, secret)}) {error.rule}")
     return parsed
 
 
-def _pgbouncer_from_env(env: str, url: str, prefix: str) -> bool:
+def _pgbouncer_from_env(env: str, url: str, prefix: str, secret: str | None) -> bool:
     flag = os.environ.get(prefix + "PGBOUNCER")
     if flag is not None:
         try:
             return parse_flag(prefix + "PGBOUNCER", flag)
         except OptionError as error:
-            _fail(f"{prefix}PGBOUNCER ({_quote(flag)}) {error.rule}", None)
+            _fail(f"{prefix}PGBOUNCER ({_quote(flag, secret)}) {error.rule}")
     if _is_pgbouncer_env(env):
         return True
     # DATABASE_URL set to a copy of one of those variables' values.
@@ -333,26 +330,31 @@ def _password(url: str) -> str | None:
     return urllib.parse.unquote(password) if password else None
 
 
-def _malformed(source: str, secret: str | None) -> NoReturn:
+def _malformed(source: str) -> NoReturn:
     _fail(
         f"{_capital(source)} is not a valid database URL (its value is not shown: it may hold a "
         f"password); it must look like {_URL_SHAPE}, with special characters in USER and "
-        "PASSWORD percent-encoded.",
-        secret,
+        "PASSWORD percent-encoded."
     )
 
 
-def _fail(message: str, secret: str | None) -> NoReturn:
+def _fail(message: str) -> NoReturn:
     # "from None": the exception being handled may carry the URL.
-    raise ImproperlyConfigured(scrub(message, secret)) from None
+    raise ImproperlyConfigured(message) from None
 
 
-def _quote(value: object) -> str:
-    return json.dumps(value, ensure_ascii=False) if isinstance(value, str) else repr(value)
+def _quote(value: object, secret: str | None) -> str:
+    """A value for a message, with the URL's password masked should it be in there.
+
+    Only the quoted values are scrubbed: a short password ("pass") must not mask the
+    words of the message around them.
+    """
+    text = json.dumps(value, ensure_ascii=False) if isinstance(value, str) else repr(value)
+    return scrub(text, secret)
 
 
-def _scheme_text(scheme: str) -> str:
-    return f"'{scheme}://'" if scheme else "none given"
+def _scheme_text(scheme: str, secret: str | None) -> str:
+    return scrub(f"'{scheme}://'", secret) if scheme else "none given"
 
 
 def _capital(phrase: str) -> str:
