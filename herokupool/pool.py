@@ -25,6 +25,7 @@ and ``set_session()``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -255,15 +256,15 @@ class ConnectionPool:
                 if started is None:
                     started = self._clock()
                 got = self._wait(waiter, started, timeout)
-            entry = self._ready(got)
-            if entry is not None:
-                now = entry.borrowed_at = self._clock()
+            lent = self._ready(got)
+            if lent is not None:
+                now = lent.borrowed_at = self._clock()
                 if started is not None:
                     with self._lock:
                         self._wait_time += now - started
                 if self.leak_threshold is not None:
-                    entry.stack = traceback.format_stack()[:-2]
-                return entry.conn
+                    lent.stack = traceback.format_stack()[:-2]
+                return lent.conn
 
     def _wait(self, waiter: _Waiter, started: float, timeout: float) -> _Entry | str:
         waiter.wait(timeout - (self._clock() - started))
@@ -375,10 +376,13 @@ class ConnectionPool:
 
         Must be called with the lock held.
         """
-        if self._waiters and not self._closed:
-            if len(self._in_use) + self._connecting < self.max_conns:
-                self._connecting += 1
-                self._waiters.popleft().wake(_SLOT)
+        if (
+            self._waiters
+            and not self._closed
+            and len(self._in_use) + self._connecting < self.max_conns
+        ):
+            self._connecting += 1
+            self._waiters.popleft().wake(_SLOT)
 
     # ---------------------------------------------------------------- release
 
@@ -402,7 +406,9 @@ class ConnectionPool:
                 self._retire_idle(self._clock())
                 self._drop(entry, CONNECTIONS_LOST, problem, releases=1)
             else:
-                logger.warning("pool %r: discarded a connection on release (%s)", self.name, problem)
+                logger.warning(
+                    "pool %r: discarded a connection on release (%s)", self.name, problem
+                )
                 self._drop(entry, CONNECTIONS_DISCARDED, problem, releases=1)
             return
         now = self._clock()
@@ -451,8 +457,10 @@ class ConnectionPool:
                 conn.rollback()
             elif status != ext.TRANSACTION_STATUS_IDLE:
                 # ACTIVE (a query still running) or UNKNOWN (a broken socket).
-                return "lost" if conn.closed else "transaction status {}".format(
-                    _STATUS_NAMES.get(status, status)
+                return (
+                    "lost"
+                    if conn.closed
+                    else f"transaction status {_STATUS_NAMES.get(status, status)}"
                 )
             if not conn.autocommit:
                 conn.autocommit = True
@@ -461,7 +469,9 @@ class ConnectionPool:
                 or conn.readonly is not None
                 or conn.deferrable is not None
             ):
-                conn.set_session(isolation_level="DEFAULT", readonly="DEFAULT", deferrable="DEFAULT")
+                conn.set_session(
+                    isolation_level="DEFAULT", readonly="DEFAULT", deferrable="DEFAULT"
+                )
             if self.reset is not None:
                 with conn.cursor() as cursor:
                     cursor.execute(self.reset)
@@ -534,13 +544,14 @@ class ConnectionPool:
             surplus = len(self._idle) + len(self._in_use) + self._connecting - self.min_conns
             # Oldest-used first (bottom of the stack), so the hottest connections stay.
             for entry in self._idle:
-                if now >= entry.expires_at or entry.created_at < self._retire_before:
-                    expired.append(entry)
-                    surplus -= 1
-                elif (
-                    self.max_idle is not None
-                    and surplus > 0
-                    and now - entry.last_used >= self.max_idle
+                if (
+                    now >= entry.expires_at
+                    or entry.created_at < self._retire_before
+                    or (
+                        self.max_idle is not None
+                        and surplus > 0
+                        and now - entry.last_used >= self.max_idle
+                    )
                 ):
                     expired.append(entry)
                     surplus -= 1
@@ -717,10 +728,8 @@ def _detach_socket(conn: Any) -> None:
 
 
 def _close_quietly(conn: Any) -> None:
-    try:
+    with contextlib.suppress(Exception):
         conn.close()
-    except Exception:
-        pass
 
 
 def _first_line(error: BaseException) -> str:

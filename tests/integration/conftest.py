@@ -7,6 +7,7 @@ machinery.  Wrappers are per thread, as in Django: call it in each thread.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -24,7 +25,9 @@ pytestmark = pytest.mark.integration
 MakeWrapper = Callable[..., BaseDatabaseWrapper]
 
 
-def settings_for(url: str, engine: str = "herokupool.db.backends.postgresql", **options: Any) -> dict[str, Any]:
+def settings_for(
+    url: str, engine: str = "herokupool.db.backends.postgresql", **options: Any
+) -> dict[str, Any]:
     settings = dj_database_url.parse(url, engine=engine)
     settings["OPTIONS"] = {**settings.get("OPTIONS", {}), **options}
     return connections.configure_settings({"default": settings})["default"]
@@ -42,7 +45,9 @@ def make_wrapper(dsn: str, alias: str, app_name: str) -> Iterator[MakeWrapper]:
 
     made: list[BaseDatabaseWrapper] = []
 
-    def make(*, url: str | None = None, name: str | None = None, **options: Any) -> BaseDatabaseWrapper:
+    def make(
+        *, url: str | None = None, name: str | None = None, **options: Any
+    ) -> BaseDatabaseWrapper:
         options.setdefault("application_name", app_name)
         wrapper = DatabaseWrapper(settings_for(url or dsn, **options), alias=name or alias)
         made.append(wrapper)
@@ -50,10 +55,8 @@ def make_wrapper(dsn: str, alias: str, app_name: str) -> Iterator[MakeWrapper]:
 
     yield make
     for wrapper in made:
-        try:
+        with contextlib.suppress(Exception):
             wrapper.close()
-        except Exception:
-            pass
     for name in {w.alias for w in made}:
         registry.close(name)
 
@@ -89,7 +92,9 @@ def dbname(url: str) -> str:
 
 
 @pytest.fixture(autouse=True)
-def _allow_database_access(request: pytest.FixtureRequest, django_db_blocker: Any) -> Iterator[None]:
+def _allow_database_access(
+    request: pytest.FixtureRequest, django_db_blocker: Any
+) -> Iterator[None]:
     """These tests talk to their own database through make_wrapper, not Django's test
     database: lift pytest-django's block (tests marked django_db manage it themselves)."""
     if request.node.get_closest_marker("django_db"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import socket
 import threading
-from typing import Any
+from typing import Any, ClassVar
 
 import psycopg2
 from psycopg2 import extensions as ext
@@ -49,7 +49,7 @@ class FakeConnection:
     """
 
     _ids = itertools.count(1)
-    instances: list[FakeConnection] = []
+    instances: ClassVar[list[FakeConnection]] = []
 
     def __init__(self) -> None:
         self.id = next(self._ids)

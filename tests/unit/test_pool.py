@@ -129,7 +129,7 @@ def test_a_waiter_that_timed_out_is_never_handed_a_connection() -> None:
         held = pool.borrow()
         results: list[object] = []
 
-        def waiter() -> None:
+        def waiter(results: list[object] = results) -> None:
             try:
                 results.append(pool.borrow(timeout=random.choice([0.0, 0.0005, 0.001])))
             except PoolTimeout as error:
@@ -227,9 +227,7 @@ def test_concurrent_borrowers_keep_the_counters_consistent() -> None:
 # -------------------------------------------------------- release by transaction status
 
 
-@pytest.mark.parametrize(
-    "status", [ext.TRANSACTION_STATUS_INTRANS, ext.TRANSACTION_STATUS_INERROR]
-)
+@pytest.mark.parametrize("status", [ext.TRANSACTION_STATUS_INTRANS, ext.TRANSACTION_STATUS_INERROR])
 def test_a_transaction_left_open_is_rolled_back_and_autocommit_restored(status: int) -> None:
     pool = make_pool()
     conn = pool.borrow()
@@ -244,9 +242,7 @@ def test_a_transaction_left_open_is_rolled_back_and_autocommit_restored(status: 
     assert conn.get_transaction_status() == ext.TRANSACTION_STATUS_IDLE
 
 
-@pytest.mark.parametrize(
-    "status", [ext.TRANSACTION_STATUS_ACTIVE, ext.TRANSACTION_STATUS_UNKNOWN]
-)
+@pytest.mark.parametrize("status", [ext.TRANSACTION_STATUS_ACTIVE, ext.TRANSACTION_STATUS_UNKNOWN])
 def test_a_busy_or_broken_connection_is_discarded(status: int) -> None:
     driver = FakeDriver()
     pool = make_pool(driver)

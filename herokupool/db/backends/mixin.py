@@ -117,7 +117,7 @@ class PooledDatabaseWrapperMixin(_Base):
     def _close(self) -> None:
         pool, self._herokupool_pool = self._herokupool_pool, None
         if self.connection is None or pool is None:
-            super()._close()
+            super()._close()  # type: ignore[misc]
             return
         conn = self.connection
         # Never leave the wrapper holding a connection another thread may now have

@@ -5,5 +5,5 @@ from django.contrib.gis.db.backends.postgis import base
 from herokupool.db.backends.mixin import PooledDatabaseWrapperMixin
 
 
-class DatabaseWrapper(PooledDatabaseWrapperMixin, base.DatabaseWrapper):  # type: ignore[misc]
+class DatabaseWrapper(PooledDatabaseWrapperMixin, base.DatabaseWrapper):
     pass
