@@ -58,7 +58,8 @@ def _open(params: dict[str, Any]) -> Any:
 class PooledDatabaseWrapperMixin(_Base):
     """Borrow connections from this process's pool instead of opening them."""
 
-    _herokupool_pool: ConnectionPool | None = None
+    _herokupool_pool: ConnectionPool | None = None  # the pool self.connection came from
+    _herokupool_last: tuple[dict[str, Any], dict[str, Any], ConnectionPool] | None = None
 
     @property
     def _pooled(self) -> bool:
@@ -78,8 +79,7 @@ class PooledDatabaseWrapperMixin(_Base):
     def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
         if not self._pooled:
             return super().get_new_connection(conn_params)
-        key = _pool_key(conn_params, self.settings_dict["OPTIONS"])
-        pool = registry.get(self.alias, key, lambda: self._new_pool(conn_params))
+        pool = self._pool_for(conn_params)
         conn = pool.borrow()
         self._herokupool_pool = pool
         # As Django's get_new_connection(): the isolation level from OPTIONS, or the
@@ -99,6 +99,24 @@ class PooledDatabaseWrapperMixin(_Base):
                 ) from None
             conn.isolation_level = self.isolation_level
         return conn
+
+    def _pool_for(self, conn_params: dict[str, Any]) -> ConnectionPool:
+        # Django rebuilds conn_params on every connect(). While they and OPTIONS are
+        # unchanged, reuse this wrapper's last pool: two dict comparisons instead of
+        # building a sorted registry key on every borrow.
+        options = self.settings_dict["OPTIONS"]
+        last = self._herokupool_last
+        if (
+            last is not None
+            and not last[2].closed
+            and last[0] == conn_params
+            and last[1] == options
+        ):
+            return last[2]
+        key = _pool_key(conn_params, options)
+        pool = registry.get(self.alias, key, lambda: self._new_pool(conn_params))
+        self._herokupool_last = (dict(conn_params), dict(options), pool)
+        return pool
 
     def _new_pool(self, conn_params: dict[str, Any]) -> ConnectionPool:
         settings, _ = split_options(self.settings_dict["OPTIONS"])
