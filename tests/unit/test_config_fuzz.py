@@ -1,0 +1,237 @@
+"""config() over generated URLs, POOL_* values and keyword arguments.
+
+Whatever the input, config() either returns a DATABASES dict the backend can use or
+raises ImproperlyConfigured naming the variable (or argument) at fault: never another
+exception type, and never a message, repr or args holding the password.
+"""
+
+from __future__ import annotations
+
+import os
+import string
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+from django.core.exceptions import ImproperlyConfigured
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from herokupool.config import MISSING_ENV_KEY, POOLED_ENGINES, config
+from herokupool.options import OPTIONS, parse_options, split_options
+
+# Every generated password starts with "Zq7"; nothing else generated contains "Z", so a
+# message can only hold the password by leaking it.
+MARK = "Zq7"
+NO_Z = st.characters(exclude_categories=("Cs",), exclude_characters="\x00Zz")
+PLAIN = st.text(NO_Z, max_size=12)
+
+passwords = st.builds(
+    lambda tail: MARK + tail,
+    st.text(
+        string.ascii_letters.replace("Z", "") + string.digits + "-_.~!$&'()*+,;=:@/?#[]% ",
+        min_size=1,
+        max_size=16,
+    ),
+)
+# Half the URLs are pooled ones, the rest pass through or are refused.
+schemes = st.one_of(
+    st.sampled_from(["postgres", "postgresql", "pgsql", "postgis", "POSTGRES"]),
+    st.sampled_from(["sqlite", "mysql", "redshift", "foo", "http", "postgres+psycopg2", ""]),
+)
+hosts = st.one_of(
+    st.sampled_from(
+        [
+            "db.example.com",
+            "localhost",
+            "127.0.0.1",
+            "[::1]",
+            "[2001:db8::1]",
+            "%2Fvar%2Frun%2Fpostgresql",
+            "[::1",
+            "",
+            "@abstract",
+        ]
+    ),
+    st.text(string.ascii_lowercase + string.digits + ".-%[]:", max_size=20),
+)
+ports = st.one_of(
+    st.just(""),
+    st.integers(-1, 70000).map(lambda n: f":{n}"),
+    PLAIN.map(lambda text: f":{text}"),
+)
+query_keys = st.one_of(
+    st.sampled_from(
+        [
+            "sslmode",
+            "application_name",
+            "connect_timeout",
+            "currentSchema",
+            "pool",
+            "prepared_statements",
+            *(option.name for option in OPTIONS),
+        ]
+    ),
+    st.text(string.ascii_letters.replace("Z", "").replace("z", "") + "_", min_size=1, max_size=8),
+)
+query_values = st.one_of(
+    st.sampled_from(["", "0", "1", "4", "-1", "2.5", "true", "false", "none", "require", "abc"]),
+    PLAIN.map(lambda text: quote(text, safe="")),
+)
+queries = st.lists(st.tuples(query_keys, query_values), max_size=4).map(
+    lambda pairs: ("?" + "&".join(f"{k}={v}" for k, v in pairs)) if pairs else ""
+)
+
+
+@st.composite
+def urls(draw: st.DrawFn) -> tuple[str, str]:
+    """(url, password): URL-shaped text, sometimes broken, the password raw or encoded."""
+    password = draw(passwords)
+    encoded = quote(password, safe="") if draw(st.booleans()) else password
+    user = draw(st.text(string.ascii_lowercase + string.digits + "_", max_size=8))
+    separator = draw(st.one_of(st.just("://"), st.sampled_from([":/", ":", "//", ""])))
+    url = (
+        f"{draw(schemes)}{separator}{user}:{encoded}@{draw(hosts)}{draw(ports)}"
+        f"/{draw(PLAIN.map(lambda text: quote(text, safe='/')))}{draw(queries)}"
+    )
+    return url, password
+
+
+env_values = st.one_of(
+    st.sampled_from(
+        [
+            "",
+            " ",
+            "0",
+            "1",
+            "2",
+            "4",
+            "8",
+            "-1",
+            "2.5",
+            "1e3",
+            "nan",
+            "inf",
+            "none",
+            "true",
+            "off",
+            "DISCARD ALL",
+            "abc",
+        ]
+    ),
+    PLAIN,
+)
+pool_env = st.dictionaries(
+    st.sampled_from([option.env for option in OPTIONS]), env_values, max_size=4
+)
+pgbouncer_env = st.one_of(
+    st.none(), st.sampled_from(["true", "off", "1", "", "maybe"]) | env_values
+)
+keyword_values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 50),
+    st.floats(allow_infinity=False),
+    PLAIN,
+    st.lists(st.integers(), max_size=2),
+)
+pool_kwargs = st.dictionaries(
+    st.sampled_from([option.keyword for option in OPTIONS]), keyword_values, max_size=2
+)
+
+
+def clean_environ(patch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if (
+            name in {"DATABASE_URL", "DYNO"}
+            or name.startswith("POOL_")
+            or name.endswith(("CONNECTION_POOL_URL", "_URL_PGBOUNCER"))
+        ):
+            patch.delenv(name)
+
+
+def check_result(databases: dict[str, dict[str, Any]]) -> None:
+    assert list(databases) == ["default"]
+    database = databases["default"]
+    assert isinstance(database["ENGINE"], str)
+    if database["ENGINE"] not in POOLED_ENGINES:
+        return
+    assert database["CONN_MAX_AGE"] == 0
+    options = database["OPTIONS"]
+    assert isinstance(options, dict)
+    assert "pool" not in options
+    assert "prepared_statements" not in options
+    # What the backend will do with the pool settings must succeed.
+    parse_options(split_options(options)[0])
+    if MISSING_ENV_KEY not in database:
+        assert isinstance(database["DISABLE_SERVER_SIDE_CURSORS"], bool)
+
+
+def check_error(error: ImproperlyConfigured, password: str, names: set[str]) -> None:
+    message = str(error)
+    assert any(name in message for name in names), message
+    for text in (message, repr(error), repr(error.args)):
+        assert password not in text
+        assert quote(password, safe="") not in text
+        assert MARK not in text
+    assert error.__cause__ is None
+    assert error.__suppress_context__
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    url=urls(),
+    env=pool_env,
+    kwargs=pool_kwargs,
+    dyno=st.booleans(),
+    postgis=st.booleans(),
+    pgbouncer=st.sampled_from([None, True, False]),
+    pgbouncer_flag=pgbouncer_env,
+)
+def test_config_returns_settings_or_names_the_variable(
+    url: tuple[str, str],
+    env: dict[str, str],
+    kwargs: dict[str, Any],
+    dyno: bool,
+    postgis: bool,
+    pgbouncer: bool | None,
+    pgbouncer_flag: str | None,
+) -> None:
+    value, password = url
+    if pgbouncer_flag is not None:
+        env = {**env, "POOL_PGBOUNCER": pgbouncer_flag}
+    with pytest.MonkeyPatch.context() as patch:
+        clean_environ(patch)
+        patch.setenv("DATABASE_URL", value)
+        if dyno:
+            patch.setenv("DYNO", "web.1")
+        for name, setting in env.items():
+            patch.setenv(name, setting)
+        try:
+            databases = config(postgis=postgis, pgbouncer=pgbouncer, **kwargs)
+        except ImproperlyConfigured as error:
+            names = {"DATABASE_URL", *env, *(f"{keyword} argument" for keyword in kwargs)}
+            check_error(error, password, names)
+        else:
+            check_result(databases)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    before=st.text(NO_Z, max_size=30),
+    password=passwords,
+    after=st.text(NO_Z, max_size=30),
+    use_default=st.booleans(),
+)
+def test_any_text_as_the_url(before: str, password: str, after: str, use_default: bool) -> None:
+    value = f"{before}:{password}@{after}"
+    with pytest.MonkeyPatch.context() as patch:
+        clean_environ(patch)
+        if not use_default:
+            patch.setenv("DATABASE_URL", value)
+        try:
+            databases = config(default=value)
+        except ImproperlyConfigured as error:
+            check_error(error, password, {"DATABASE_URL"})
+        else:
+            check_result(databases)
