@@ -122,12 +122,16 @@ def parse(
     schemes dj-database-url knows (``sqlite://``, ``mysql://``, ...) pass through
     unpooled, exactly as ``dj_database_url.parse`` returns them.
 
-    On a pooled alias: URL query parameters are libpq ``OPTIONS``, except upper-case
-    pool settings (``?MAX_CONNS=2``, overridden by keyword arguments); ``CONN_MAX_AGE``
-    is 0; ``sslmode`` becomes ``require`` unless the URL has one, when ``ssl_require``
-    is true, or when it is ``None`` and the process runs on a Heroku dyno (``DYNO``
-    set) and the host is not local (localhost, 127.0.0.1, ::1 or a unix socket);
-    ``pgbouncer=True`` sets ``DISABLE_SERVER_SIDE_CURSORS``.
+    On a pooled alias:
+
+    - URL query parameters are libpq ``OPTIONS``, except upper-case pool settings
+      (``?MAX_CONNS=2``), which keyword arguments override;
+    - ``CONN_MAX_AGE`` is 0: the pool keeps the connections;
+    - ``OPTIONS["sslmode"]`` is set to ``require`` when the URL has no sslmode and
+      either ``ssl_require`` is true, or it is ``None``, the process runs on a Heroku
+      dyno (``DYNO`` is set) and the host is not local (localhost, 127.*, ::1, a unix
+      socket);
+    - ``pgbouncer=True`` sets ``DISABLE_SERVER_SIDE_CURSORS``.
 
     Raises ``ImproperlyConfigured`` for a bad pool setting, an unknown scheme or a
     malformed URL, and ``TypeError`` for an unknown keyword argument.
