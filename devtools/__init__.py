@@ -1,0 +1,1 @@
+"""Developer tools for herokupool: not part of the installed package."""
