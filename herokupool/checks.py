@@ -24,7 +24,7 @@ from django.core.checks import CheckMessage, Error, Warning
 from herokupool._redact import scrub
 from herokupool.config import DEFAULT_ENV_PREFIX, is_pooled, missing_env_error, pgbouncer_urls
 from herokupool.options import BY_NAME, OPTIONS, OptionError, parse_options, split_options
-from herokupool.options import _bool as parse_flag
+from herokupool.options import parse_bool as parse_flag
 
 __all__ = ["TAG", "check_databases", "check_environment"]
 

@@ -25,7 +25,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from herokupool._redact import scrub
 from herokupool.options import BY_NAME, OptionError, parse_options
-from herokupool.options import _bool as parse_flag
+from herokupool.options import parse_bool as parse_flag
 
 __all__ = [
     "DEFAULT_ENV",

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["OPTIONS", "OptionError", "PoolOption", "parse_options", "split_options"]
+__all__ = ["OPTIONS", "OptionError", "PoolOption", "parse_bool", "parse_options", "split_options"]
 
 
 class OptionError(ValueError):
@@ -28,7 +28,8 @@ class OptionError(ValueError):
         super().__init__(f"{name} ({value!r}) {rule}")
 
 
-def _bool(name: str, value: object) -> bool:
+def parse_bool(name: str, value: object) -> bool:
+    """A boolean setting: a bool, or true/false, 1/0, yes/no, on/off in any case."""
     if isinstance(value, bool):
         return value
     if isinstance(value, str):
@@ -46,7 +47,7 @@ def _int(minimum: int) -> Callable[[str, object], int]:
             raise OptionError(name, value, f"must be a whole number >= {minimum}.")
         try:
             number = int(value.strip()) if isinstance(value, str) else int(value)  # type: ignore[call-overload]
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise OptionError(name, value, f"must be a whole number >= {minimum}.") from None
         if isinstance(value, float) and value != number:
             raise OptionError(name, value, f"must be a whole number >= {minimum}.")
@@ -110,17 +111,27 @@ class PoolOption:
 OPTIONS: tuple[PoolOption, ...] = (
     PoolOption("MAX_CONNS", 4, _int(1), "most server connections this process opens for the alias"),
     PoolOption("MIN_CONNS", 0, _int(0), "connections kept open while idle"),
-    PoolOption("TIMEOUT", 10.0, _seconds(allow_none=False), "seconds a borrower waits for a connection"),
-    PoolOption("MAX_LIFETIME", 3600.0, _seconds(allow_none=True), "seconds before a connection is recycled"),
-    PoolOption("MAX_IDLE", 600.0, _seconds(allow_none=True), "seconds an extra idle connection is kept"),
-    PoolOption("TEST_ON_BORROW", False, _bool, "run a validation query on every borrow"),
     PoolOption(
-        "VALIDATE_AFTER", 0.5, _seconds(allow_none=True),
+        "TIMEOUT", 10.0, _seconds(allow_none=False), "seconds a borrower waits for a connection"
+    ),
+    PoolOption(
+        "MAX_LIFETIME", 3600.0, _seconds(allow_none=True), "seconds before a connection is recycled"
+    ),
+    PoolOption(
+        "MAX_IDLE", 600.0, _seconds(allow_none=True), "seconds an extra idle connection is kept"
+    ),
+    PoolOption("TEST_ON_BORROW", False, parse_bool, "run a validation query on every borrow"),
+    PoolOption(
+        "VALIDATE_AFTER",
+        0.5,
+        _seconds(allow_none=True),
         "idle seconds after which a borrow runs a validation query",
     ),
     PoolOption("RESET", None, _sql, "SQL run on every release, e.g. DISCARD ALL"),
     PoolOption(
-        "LEAK_THRESHOLD", None, _seconds(allow_none=True),
+        "LEAK_THRESHOLD",
+        None,
+        _seconds(allow_none=True),
         "seconds a borrow may last before a warning with the borrower's stack",
     ),
 )

@@ -131,7 +131,7 @@ keyword_values = st.one_of(
     st.none(),
     st.booleans(),
     st.integers(-3, 50),
-    st.floats(allow_infinity=False),
+    st.floats(),
     PLAIN,
     st.lists(st.integers(), max_size=2),
 )
