@@ -83,7 +83,7 @@ def test_server_connections_never_exceed_max_conns_under_many_threads(
                 with wrapper.cursor() as cursor:
                     cursor.execute("SELECT pg_sleep(0.002)")
                 wrapper.close()
-        except BaseException as error:  # noqa: BLE001 - reported below
+        except BaseException as error:
             errors.append(error)
 
     watcher = threading.Thread(target=watch)
@@ -145,7 +145,9 @@ def test_unreachable_database_reads_differently_from_exhaustion(
 # ----------------------------------------------------------- 4: rollback on release
 
 
-def test_uncommitted_writes_are_rolled_back_on_release(make_wrapper: MakeWrapper, alias: str) -> None:
+def test_uncommitted_writes_are_rolled_back_on_release(
+    make_wrapper: MakeWrapper, alias: str
+) -> None:
     wrapper = make_wrapper(MAX_CONNS=1)
     name = f"hp_{alias}"
     create_table(wrapper, name)
@@ -195,7 +197,9 @@ def test_commits_persist_and_a_rolled_back_savepoint_does_not(
             cursor.execute(f"INSERT INTO {name} (v) VALUES ('kept')")
         wrapper.commit()
         with wrapper.cursor() as cursor:
-            cursor.execute(f"SAVEPOINT s1; INSERT INTO {name} (v) VALUES ('gone'); ROLLBACK TO SAVEPOINT s1")
+            cursor.execute(
+                f"SAVEPOINT s1; INSERT INTO {name} (v) VALUES ('gone'); ROLLBACK TO SAVEPOINT s1"
+            )
         wrapper.commit()
         wrapper.set_autocommit(True)
         wrapper.close()
@@ -392,7 +396,9 @@ def test_stats_and_leak_warning_never_show_the_password(
         assert secret not in text
 
 
-def test_connect_errors_from_the_driver_carry_no_password(make_wrapper: MakeWrapper, dsn: str) -> None:
+def test_connect_errors_from_the_driver_carry_no_password(
+    make_wrapper: MakeWrapper, dsn: str
+) -> None:
     secret = "Zq-distinctive-Passw0rd-72"
     url = re.sub(r"postgres@[^/]+/", f"postgres:{secret}@127.0.0.1:1/", dsn)
     wrapper = make_wrapper(url=url, TIMEOUT=1)
