@@ -105,7 +105,8 @@ class PgBouncer:
     ``pool_mode`` is "session", "transaction" or "statement"; ``default_pool_size`` is the most
     server connections per (database, user) pair; ``max_client_conn`` the most client
     connections. ``settings`` are written into ``[pgbouncer]`` after these and win (for example
-    ``{"server_login_retry": "1"}``). ``port=None`` picks a free loopback port at ``start()``.
+    ``{"server_login_retry": "1"}``). ``port=None`` picks a free loopback port at the first
+    ``start()`` and keeps it for later starts, so that ``dsn()`` stays valid across ``restart()``.
 
     Use as a context manager (start, then stop), or call ``start()``/``stop()``. Failures raise
     :class:`PgBouncerError` with the end of pgbouncer's log.
@@ -208,7 +209,7 @@ class PgBouncer:
         # A port picked here is retried once taken by someone else; a requested one is not.
         attempts = 1 if self._requested_port is not None else 3
         for attempt in range(1, attempts + 1):
-            if self._requested_port is None:
+            if self._port is None or attempt > 1:
                 self._port = free_port(self.host)
             directory = self._prepare_directory(user)
             error = self._start_once(self.binary, directory, user, timeout)
@@ -226,6 +227,11 @@ class PgBouncer:
         if process is not None:
             _terminate(process, timeout)
         self._remove_directory()
+
+    def restart(self, timeout: float = 10.0) -> None:
+        """Stop (clients are disconnected) and start again on the same port."""
+        self.stop(timeout)
+        self.start(timeout)
 
     def __enter__(self) -> PgBouncer:
         self.start()
