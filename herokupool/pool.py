@@ -282,7 +282,12 @@ class ConnectionPool:
                     f"{len(self._waiters)} waiting, max {self.max_conns})"
                 )
                 cause = self._last_error
+                connecting = self._connecting
         if result is None:
+            if connecting:
+                # The slots are held by connection attempts, not by borrowers: without this
+                # an unresponsive server reads as "0 in use" exhaustion.
+                message += f"; {connecting} still connecting to the server"
             if cause is not None:
                 message += f"; the last attempt to connect failed: {_first_line(cause)}"
             raise PoolTimeout(message) from cause
