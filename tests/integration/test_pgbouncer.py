@@ -26,6 +26,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import dj_database_url
+import psycopg2
 import pytest
 from django.db import connections, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
@@ -489,5 +490,49 @@ def test_a_pgbouncer_restart_costs_no_request(
         assert stats["connections_lost"] == 1
         assert stats["connections_discarded"] == 1
     finally:
+        registry.close(alias)
+        own.stop()
+
+
+def test_an_isolation_level_option_never_leaks_to_other_pgbouncer_clients(
+    pg_server: Server, bouncer_settings: Callable[..., dict[str, Any]], alias: str, bouncer_db: str
+) -> None:
+    """OPTIONS isolation_level must travel with each BEGIN, as with Django's own backend; a
+    session default (SET default_transaction_isolation) would stay on PgBouncer's server
+    connection and reach whichever client gets it next."""
+    from herokupool.db.backends.postgresql.base import DatabaseWrapper
+
+    parts = urlsplit(pg_server.url)
+    # One server connection: every client of this PgBouncer shares it.
+    own = PgBouncer(parts.hostname or "127.0.0.1", parts.port or 5432, default_pool_size=1)
+    own.start()
+    other = None
+    try:
+        settings = bouncer_settings(via=own, max_conns=1)
+        settings["OPTIONS"]["isolation_level"] = ext.ISOLATION_LEVEL_SERIALIZABLE
+        other = psycopg2.connect(own.dsn(bouncer_db))
+        other.autocommit = True
+
+        def others_default() -> str:
+            with other.cursor() as cursor:
+                cursor.execute("SHOW default_transaction_isolation")
+                return str(cursor.fetchone()[0])
+
+        for _ in range(2):  # a new connection, then a pooled one
+            wrapper = DatabaseWrapper(settings, alias=alias)
+            with wrapper.cursor() as cursor:
+                cursor.execute("SELECT 1")  # autocommit
+            assert others_default() == "read committed"
+            wrapper.set_autocommit(False)
+            with wrapper.cursor() as cursor:
+                cursor.execute("SHOW transaction_isolation")
+                assert cursor.fetchone()[0] == "serializable"
+            wrapper.commit()
+            wrapper.set_autocommit(True)
+            wrapper.close()
+            assert others_default() == "read committed"
+    finally:
+        if other is not None:
+            other.close()
         registry.close(alias)
         own.stop()

@@ -97,6 +97,11 @@ class PooledDatabaseWrapperMixin(_Base):
                     f"Invalid transaction isolation level {level} specified. "
                     "Use one of the psycopg.IsolationLevel values."
                 ) from None
+            # Outside autocommit, as on Django's fresh connections: psycopg2 then sends the
+            # level with each BEGIN.  Set in autocommit it would SET the session's
+            # default_transaction_isolation, which behind PgBouncer (transaction mode) stays on
+            # the server connection and reaches other clients.  connect() restores autocommit.
+            conn.autocommit = False
             conn.isolation_level = self.isolation_level
         return conn
 
