@@ -306,7 +306,6 @@ def test_b_a_frozen_server_cannot_hang_a_borrower_past_connect_timeout(
 # ---------------------------------------------------------------- (c) the server is full
 
 
-@pytest.mark.slow
 def test_c_a_full_server_gives_a_clear_error_quickly_and_the_pool_recovers(
     make_cluster: MakeCluster, make_wrapper: MakeWrapper, alias: str
 ) -> None:
