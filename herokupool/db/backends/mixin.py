@@ -59,6 +59,7 @@ class PooledDatabaseWrapperMixin(_Base):
     """Borrow connections from this process's pool instead of opening them."""
 
     _herokupool_pool: ConnectionPool | None = None  # the pool self.connection came from
+    _herokupool_unusable = False  # set while close() drops a connection a health check failed
     _herokupool_last: tuple[dict[str, Any], dict[str, Any], ConnectionPool] | None = None
 
     @property
@@ -147,7 +148,10 @@ class PooledDatabaseWrapperMixin(_Base):
         # (close() keeps it inside an atomic block).
         self.connection = None
         with self.wrap_database_errors:
-            pool.release(conn)
+            if self._herokupool_unusable:
+                pool.discard(conn)
+            else:
+                pool.release(conn)
 
     def close_pool(self) -> None:
         """Close every pool of this alias in this process.
@@ -159,9 +163,25 @@ class PooledDatabaseWrapperMixin(_Base):
         registry.close(self.alias)
 
     def close_if_health_check_failed(self) -> None:
-        if self._pooled and self._herokupool_pool is not None:
-            return  # the pool checks every connection before lending it
-        super().close_if_health_check_failed()
+        # Django checks only a connection kept from an earlier request (CONN_MAX_AGE > 0
+        # and CONN_HEALTH_CHECKS): one borrowed this request is marked healthy by
+        # connect().  The pool has not seen a kept connection since lending it, so the
+        # check must run; a connection that fails it is discarded, never pooled again.
+        if (
+            self._herokupool_pool is None
+            or self.connection is None
+            or not self.health_check_enabled  # type: ignore[attr-defined]  # not in the stubs
+            or self.health_check_done  # type: ignore[has-type]
+        ):
+            super().close_if_health_check_failed()
+            return
+        if not self.is_usable():
+            self._herokupool_unusable = True
+            try:
+                self.close()
+            finally:
+                self._herokupool_unusable = False
+        self.health_check_done = True
 
 
 def _pool_key(conn_params: dict[str, Any], options: dict[str, Any]) -> tuple[tuple[str, str], ...]:
