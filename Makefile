@@ -48,5 +48,15 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# The benchmark against the peers (bench/): results in bench/results/ (JSON, markdown, PNG).
+# Its own virtualenv, .venv-bench, holds psycopg 3 and the peers; see docs/benchmarks.md.
+bench:
+	sh bench/venv.sh $(PYTHON)
+	.venv-bench/bin/python -m bench $(BENCH_ARGS)
+
+bench-quick:
+	sh bench/venv.sh $(PYTHON)
+	.venv-bench/bin/python -m bench --quick $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) .tox build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

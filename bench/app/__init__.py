@@ -1,0 +1,1 @@
+"""The benchmark's one model and one view."""

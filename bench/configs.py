@@ -1,0 +1,152 @@
+"""The configurations compared, each as the Django settings a user would write.
+
+Every pooled configuration gets the same number of server connections (``size``) and
+the same pool timeout; everything else is the peer's default.  Every connection
+carries ``application_name = "bench-<name>"`` so the coordinator can count a
+configuration's server connections in ``pg_stat_activity``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["CEILING", "CONFIGS", "NO_POOL", "Config", "Target", "by_name"]
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the benchmark database is (trust authentication on loopback)."""
+
+    host: str
+    port: int
+    user: str
+    dbname: str
+    password: str = ""
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    label: str
+    driver: str  # "psycopg2" or "psycopg3": which one the process may import
+    pooled: bool  # holds at most ``size`` server connections
+    shim: str | None = None
+    via_pgbouncer: bool = False
+    note: str = ""
+
+    @property
+    def application_name(self) -> str:
+        return f"bench-{self.name}"
+
+    def spec(
+        self,
+        target: Target,
+        *,
+        size: int,
+        timeout: float,
+        pgbouncer_port: int | None = None,
+    ) -> dict[str, Any]:
+        """The JSON-able description ``bench.bootstrap`` and ``bench.settings`` read."""
+        database: dict[str, Any] = {
+            "ENGINE": "django.db.backends.postgresql",
+            "NAME": target.dbname,
+            "USER": target.user,
+            "PASSWORD": target.password,
+            "HOST": target.host,
+            "PORT": str(target.port),
+            "CONN_MAX_AGE": 0,
+            "OPTIONS": {"application_name": self.application_name},
+        }
+        settings: dict[str, Any] = {}
+        options = database["OPTIONS"]
+        if self.name == "ceiling":
+            database["CONN_MAX_AGE"] = None
+        elif self.name == "django-pool":
+            options["pool"] = {"min_size": size, "max_size": size, "timeout": timeout}
+        elif self.name.startswith("dbcp-"):
+            database["ENGINE"] = "dj_db_conn_pool.backends.postgresql"
+            database["POOL_OPTIONS"] = {"POOL_SIZE": size, "MAX_OVERFLOW": 0, "TIMEOUT": timeout}
+        elif self.name == "postgrespool2":
+            database["ENGINE"] = "django_postgrespool2"
+            settings["DATABASE_POOL_ARGS"] = {
+                "pool_size": size,
+                "max_overflow": 0,
+                "timeout": timeout,
+            }
+        elif self.name == "pgbouncer":
+            assert pgbouncer_port is not None
+            database["PORT"] = str(pgbouncer_port)
+            # Persistent client connections to PgBouncer, which multiplexes them onto
+            # ``size`` server connections per transaction.
+            database["CONN_MAX_AGE"] = None
+            database["DISABLE_SERVER_SIDE_CURSORS"] = True
+        elif self.name == "herokupool":
+            database["ENGINE"] = "herokupool.db.backends.postgresql"
+            options.update({"MAX_CONNS": size, "TIMEOUT": timeout})
+        elif self.name != "no-pool":
+            raise ValueError(f"unknown configuration {self.name!r}")
+        return {
+            "name": self.name,
+            "driver": self.driver,
+            "shim": self.shim,
+            "database": database,
+            "settings": settings,
+        }
+
+
+NO_POOL = "no-pool"
+CEILING = "ceiling"
+
+CONFIGS: tuple[Config, ...] = (
+    Config(NO_POOL, "no pool (CONN_MAX_AGE=0)", "psycopg2", pooled=False),
+    Config(CEILING, "ceiling (CONN_MAX_AGE=None)", "psycopg2", pooled=False),
+    Config(
+        "django-pool",
+        "Django native pool (psycopg 3)",
+        "psycopg3",
+        pooled=True,
+        note="OPTIONS={'pool': {min_size, max_size, timeout}}",
+    ),
+    Config(
+        "dbcp-pg2",
+        "django-db-connection-pool (psycopg2)",
+        "psycopg2",
+        pooled=True,
+        note="SQLAlchemy QueuePool; its defaults include pre_ping=True (SELECT 1 per borrow)",
+    ),
+    Config(
+        "dbcp-pg3",
+        "django-db-connection-pool (psycopg 3)",
+        "psycopg3",
+        pooled=True,
+        note="SQLAlchemy QueuePool; its defaults include pre_ping=True (SELECT 1 per borrow)",
+    ),
+    Config(
+        "postgrespool2",
+        "django-postgrespool2 (shimmed)",
+        "psycopg2",
+        pooled=True,
+        shim="postgrespool2",
+        note="2.0.5 does not import with SQLAlchemy 2; measured with bench.bootstrap's shim",
+    ),
+    Config(
+        "pgbouncer",
+        "PgBouncer (transaction mode)",
+        "psycopg2",
+        pooled=True,
+        via_pgbouncer=True,
+        note="stock backend, CONN_MAX_AGE=None, to a PgBouncer on loopback",
+    ),
+    Config("herokupool", "herokupool", "psycopg2", pooled=True),
+)
+
+
+def by_name(names: list[str] | None) -> tuple[Config, ...]:
+    if not names:
+        return CONFIGS
+    known = {config.name: config for config in CONFIGS}
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise SystemExit(f"unknown configuration(s) {unknown}; choose from {sorted(known)}")
+    return tuple(known[name] for name in names)

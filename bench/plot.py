@@ -1,0 +1,97 @@
+"""results.json -> a PNG: req/s and p99 vs threads per configuration, and the HTTP run.
+
+``python -m bench.plot bench/results/results.json bench/results/results.png``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+
+from bench.report import HEROKUPOOL, inprocess_summary, summarize_runs
+
+__all__ = ["render"]
+
+STYLES: dict[str, dict[str, Any]] = {
+    "no-pool": {"color": "#999999", "linestyle": ":", "marker": "x"},
+    "ceiling": {"color": "#444444", "linestyle": "--", "marker": "s"},
+    "django-pool": {"color": "#1f77b4", "marker": "o"},
+    "dbcp-pg2": {"color": "#ff7f0e", "marker": "v"},
+    "dbcp-pg3": {"color": "#bcbd22", "marker": "^"},
+    "postgrespool2": {"color": "#9467bd", "marker": "D"},
+    "pgbouncer": {"color": "#8c564b", "marker": "P"},
+    HEROKUPOOL: {"color": "#d62728", "marker": "*", "linewidth": 2.5, "markersize": 11},
+}
+
+
+def render(results: dict[str, Any], path: Path) -> None:
+    labels = {c["name"]: c["label"] for c in results["meta"]["configs"]}
+    summary = inprocess_summary(results)
+    threads = sorted(summary, key=int)
+    names = [
+        c["name"] for c in results["meta"]["configs"] if c["name"] in summary.get(threads[0], {})
+    ]
+    http = summarize_runs(results.get("http", {}))
+    panels = 3 if http else 2
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 5.2), constrained_layout=True)
+    rps_ax, p99_ax = axes[0], axes[1]
+    xs = [int(t) for t in threads]
+    for name in names:
+        style = {"linewidth": 1.5, "markersize": 7, **STYLES.get(name, {})}
+        rps = [summary[t][name]["rps"]["median"] for t in threads]
+        p99 = [summary[t][name]["p99"] * 1e3 for t in threads]
+        rps_ax.plot(xs, rps, label=labels.get(name, name), **style)
+        p99_ax.plot(xs, p99, label=labels.get(name, name), **style)
+    size = results["meta"]["plan"]["size"]
+    for ax in (rps_ax, p99_ax):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.set_xlabel("threads (in-process WSGI)")
+        ax.grid(True, alpha=0.3)
+    rps_ax.set_ylabel("requests/s (median of rounds)")
+    rps_ax.set_title(f"Throughput, pools hold {size} server connections")
+    rps_ax.set_ylim(bottom=0)
+    p99_ax.set_yscale("log")
+    p99_ax.set_ylabel("p99 latency, ms (log)")
+    p99_ax.set_title("p99 latency (in-flight requests counted)")
+    rps_ax.legend(fontsize=8, loc="best")
+    if http:
+        ax = axes[2]
+        order = [name for name in names if name in http]
+        values = [http[name]["rps"]["median"] for name in order]
+        colors = [STYLES.get(name, {}).get("color", "#777777") for name in order]
+        bars = ax.barh([labels.get(n, n) for n in order], values, color=colors)
+        for bar, value in zip(bars, values, strict=True):
+            ax.text(value, bar.get_y() + bar.get_height() / 2, f" {value:,.0f}", va="center")
+        ax.invert_yaxis()
+        ax.set_xlabel("requests/s")
+        plan = results["meta"]["plan"]
+        ax.set_title(
+            f"HTTP: gunicorn gthread {plan['http_workers']}x{plan['http_threads']}, "
+            f"{plan['http_connections']} connections"
+        )
+        ax.set_xlim(right=max(values) * 1.2)
+        ax.tick_params(axis="y", labelsize=8)
+    fig.suptitle("herokupool vs peers (Django, PostgreSQL on loopback, 2 cores)")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.plot")
+    parser.add_argument("results", type=Path)
+    parser.add_argument("png", type=Path)
+    args = parser.parse_args()
+    render(json.loads(args.results.read_text()), args.png)
+
+
+if __name__ == "__main__":
+    main()

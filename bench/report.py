@@ -1,0 +1,403 @@
+"""results.json -> the markdown tables (``python -m bench.report results.json``).
+
+Ratios are computed per round (each configuration against the ceiling and against
+no pool measured in the same round) and reported as the median over rounds, with the
+lowest and highest in brackets when there is more than one round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+__all__ = ["inprocess_summary", "render", "targets"]
+
+HEROKUPOOL = "herokupool"
+NATIVE = "django-pool"
+CEILING = "ceiling"
+NO_POOL = "no-pool"
+
+
+def _labels(results: dict[str, Any]) -> dict[str, str]:
+    return {c["name"]: c["label"] for c in results["meta"]["configs"]}
+
+
+def _pooled(results: dict[str, Any]) -> set[str]:
+    return {c["name"] for c in results["meta"]["configs"] if c["pooled"]}
+
+
+def _by_round(runs: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    return {run["round"]: run for run in runs}
+
+
+def _ratios(
+    runs: dict[str, list[dict[str, Any]]], name: str, reference: str, key: str = "rps"
+) -> list[float]:
+    """``name``'s value over ``reference``'s, for every round both measured."""
+    if name not in runs or reference not in runs:
+        return []
+    mine, theirs = _by_round(runs[name]), _by_round(runs[reference])
+    return [
+        mine[r][key] / theirs[r][key] for r in sorted(mine.keys() & theirs.keys()) if theirs[r][key]
+    ]
+
+
+def _spread(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def _errors(runs: list[dict[str, Any]]) -> dict[str, int]:
+    total: Counter[str] = Counter()
+    for run in runs:
+        total.update(run.get("errors", {}))
+    return dict(total)
+
+
+def summarize_runs(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Per configuration: medians over rounds and ratios to the ceiling and no pool."""
+    summary: dict[str, dict[str, Any]] = {}
+    for name, rounds in runs.items():
+        if not rounds:
+            continue
+        latency = [r["latency"] for r in rounds]
+        summary[name] = {
+            "rps": _spread([r["rps"] for r in rounds]),
+            "vs_ceiling": _spread(_ratios(runs, name, CEILING)),
+            "vs_no_pool": _spread(_ratios(runs, name, NO_POOL)),
+            "p50": statistics.median(x["p50"] for x in latency if x.get("p50") is not None)
+            if any(x.get("p50") is not None for x in latency)
+            else None,
+            "p99": statistics.median(x["p99"] for x in latency if x.get("p99") is not None)
+            if any(x.get("p99") is not None for x in latency)
+            else None,
+            "errors": _errors(rounds),
+            "peak_server_connections": max(r.get("peak_server_connections", 0) for r in rounds),
+            "starved_threads": max((r.get("starved_threads", 0) for r in rounds), default=0),
+            "rounds": len(rounds),
+        }
+    return summary
+
+
+def inprocess_summary(results: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
+    return {t: summarize_runs(runs) for t, runs in results.get("inprocess", {}).items()}
+
+
+def _best_peer_ratio(
+    runs: dict[str, list[dict[str, Any]]], peers: set[str]
+) -> tuple[dict[str, float] | None, list[str]]:
+    """herokupool's rps over the best pooled peer's in the same round."""
+    if HEROKUPOOL not in runs:
+        return None, []
+    mine = _by_round(runs[HEROKUPOOL])
+    ratios, winners = [], []
+    for round_, run in sorted(mine.items()):
+        best_name, best = None, 0.0
+        for peer in peers:
+            peer_run = _by_round(runs.get(peer, [])).get(round_)
+            if peer_run is not None and peer_run["rps"] > best:
+                best_name, best = peer, peer_run["rps"]
+        if best_name is not None:
+            ratios.append(run["rps"] / best)
+            winners.append(best_name)
+    return _spread(ratios), winners
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets, each with herokupool's number, the reference and a verdict."""
+    rows: list[dict[str, Any]] = []
+    size = results["meta"]["plan"]["size"]
+    peers = _pooled(results) - {HEROKUPOOL}
+    micro = results.get("django_micro", {})
+    if HEROKUPOOL in micro and NATIVE in micro:
+        mine = statistics.median(micro[HEROKUPOOL])
+        theirs = statistics.median(micro[NATIVE])
+        rows.append(
+            {
+                "target": "Django-level ensure_connection()+close() at most Django's native pool's",
+                "value": f"{mine * 1e6:.1f} us",
+                "reference": f"{theirs * 1e6:.1f} us",
+                "met": mine <= theirs,
+            }
+        )
+    for threads in ("8", "32"):
+        runs = results.get("inprocess", {}).get(threads)
+        if not runs or HEROKUPOOL not in runs:
+            continue
+        ratio, winners = _best_peer_ratio(runs, peers)
+        vs_ceiling = _spread(_ratios(runs, HEROKUPOOL, CEILING))
+        peak = max(r["peak_server_connections"] for r in runs[HEROKUPOOL])
+        if ratio is not None:
+            best = Counter(winners).most_common(1)[0][0]
+            rows.append(
+                {
+                    "target": f"T={threads}: req/s at least the best pooled peer's",
+                    "value": f"{ratio['median']:.2f}x {best}",
+                    "reference": "1.00x",
+                    "met": ratio["median"] >= 1.0,
+                }
+            )
+        if vs_ceiling is not None:
+            rows.append(
+                {
+                    "target": f"T={threads}: at least 0.9x the ceiling on {size} connections",
+                    "value": f"{vs_ceiling['median']:.2f}x, peak {peak} connections",
+                    "reference": f"0.90x, {size} connections",
+                    "met": vs_ceiling["median"] >= 0.9 and peak <= size,
+                }
+            )
+    fairness = results.get("fairness", {}).get(HEROKUPOOL)
+    if fairness:
+        starved = max(r["starved_threads"] for r in fairness)
+        errors = sum(sum(r["errors"].values()) for r in fairness)
+        rows.append(
+            {
+                "target": "fairness run: zero starved threads, zero errors",
+                "value": f"{starved} starved, {errors} errors",
+                "reference": "0, 0",
+                "met": starved == 0 and errors == 0,
+            }
+        )
+    t32 = inprocess_summary(results).get("32", {})
+    if HEROKUPOOL in t32 and NATIVE in t32:
+        mine, theirs = t32[HEROKUPOOL]["p99"], t32[NATIVE]["p99"]
+        rows.append(
+            {
+                "target": "p99 at T=32 no worse than Django's native pool",
+                "value": f"{mine * 1e3:.1f} ms",
+                "reference": f"{theirs * 1e3:.1f} ms",
+                "met": mine <= theirs,
+            }
+        )
+    http = results.get("http", {})
+    ratio = _spread(_ratios(http, HEROKUPOOL, NATIVE))
+    if ratio is not None:
+        rows.append(
+            {
+                "target": "HTTP run: req/s at least Django's native pool's",
+                "value": f"{ratio['median']:.2f}x",
+                "reference": "1.00x",
+                "met": ratio["median"] >= 1.0,
+            }
+        )
+    return rows
+
+
+# -------------------------------------------------------------------- rendering
+
+
+def _x(spread: dict[str, float] | None) -> str:
+    if spread is None:
+        return "-"
+    if spread["min"] == spread["max"]:
+        return f"{spread['median']:.2f}x"
+    return f"{spread['median']:.2f}x ({spread['min']:.2f}-{spread['max']:.2f})"
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1e3:.1f}"
+
+
+def _us(value: float) -> str:
+    return f"{value * 1e6:.1f}" if value < 1e-3 else f"{value * 1e6:,.0f}"
+
+
+def _errors_text(errors: dict[str, int]) -> str:
+    if not errors:
+        return "0"
+    return "; ".join(f"{count} {name}" for name, count in sorted(errors.items()))
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def _runs_table(
+    summary: dict[str, dict[str, Any]], labels: dict[str, str], *, starved: bool
+) -> list[str]:
+    header = ["configuration", "req/s", "x ceiling", "x no pool", "p50 ms", "p99 ms"]
+    header += ["errors", "peak server conns"] + (["starved threads"] if starved else [])
+    rows = []
+    for name, s in summary.items():
+        row = [
+            f"**{labels.get(name, name)}**" if name == HEROKUPOOL else labels.get(name, name),
+            f"{s['rps']['median']:,.0f}",
+            _x(s["vs_ceiling"]),
+            _x(s["vs_no_pool"]),
+            _ms(s["p50"]),
+            _ms(s["p99"]),
+            _errors_text(s["errors"]),
+            str(s["peak_server_connections"]),
+        ]
+        if starved:
+            row.append(str(s["starved_threads"]))
+        rows.append(row)
+    return _table(header, rows)
+
+
+def render(results: dict[str, Any]) -> str:
+    meta = results["meta"]
+    plan = meta["plan"]
+    labels = _labels(results)
+    versions = ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v)
+    lines = [
+        "# herokupool benchmark results",
+        "",
+        f"{'Quick run' if meta['quick'] else 'Run'} of {meta['started']}: Python {meta['python']}, "
+        f"{meta['machine']['cpus']} CPUs, PostgreSQL {meta['server']['server_version']} on "
+        f"loopback; load average {meta['machine']['loadavg_at_start'][0]:.2f} at start, "
+        f"{meta.get('loadavg_at_end', [0])[0]:.2f} at end; {meta.get('elapsed_s', '?')} s.",
+        "",
+        f"Versions: {versions}.",
+        "",
+        f"Every pooled configuration has {plan['size']} server connections and a "
+        f"{plan['timeout']:g} s pool timeout ({plan['fairness_timeout']:g} s in the fairness "
+        f"run). Ratios are taken against the ceiling and no pool measured in the same round: "
+        f"median over {plan['rounds']} round(s) (lowest-highest).",
+        "",
+    ]
+    rows = targets(results)
+    if rows:
+        lines += ["## Targets", ""]
+        lines += _table(
+            ["target", "herokupool", "reference", "met"],
+            [
+                [r["target"], r["value"], r["reference"], "yes" if r["met"] else "**no**"]
+                for r in rows
+            ],
+        )
+        lines.append("")
+    for threads, summary in inprocess_summary(results).items():
+        lines += [
+            f"## In-process WSGI, T={threads} threads",
+            "",
+            f"{plan['duration']:g} s windows after {plan['warmup']:g} s of warm-up; requests "
+            "still in flight at the end of a window count in the latency tail.",
+            "",
+        ]
+        lines += _runs_table(summary, labels, starved=True)
+        lines.append("")
+    fairness = results.get("fairness")
+    if fairness:
+        lines += [
+            "## Fairness",
+            "",
+            f"{plan['fairness_threads']} threads on {plan['size']} connections, "
+            f"{plan['fairness_timeout']:g} s pool timeout, {plan['fairness_duration']:g} s window.",
+            "",
+        ]
+        rows_ = []
+        for name, runs in fairness.items():
+            per_thread = [n for r in runs for n in r["per_thread_ok"]]
+            p99 = statistics.median(r["latency"]["p99"] for r in runs if r["latency"].get("p99"))
+            rows_.append(
+                [
+                    f"**{labels[name]}**" if name == HEROKUPOOL else labels[name],
+                    f"{statistics.median(r['rps'] for r in runs):,.0f}",
+                    str(max(r["starved_threads"] for r in runs)),
+                    f"{min(per_thread)}-{max(per_thread)}",
+                    _ms(p99),
+                    _errors_text(_errors(runs)),
+                ]
+            )
+        lines += _table(
+            [
+                "configuration",
+                "req/s",
+                "starved threads",
+                "requests per thread (min-max)",
+                "p99 ms",
+                "errors",
+            ],
+            rows_,
+        )
+        lines.append("")
+    http = results.get("http")
+    if http:
+        client = next((r["client"] for runs in http.values() for r in runs), "?")
+        lines += [
+            "## HTTP (gunicorn gthread)",
+            "",
+            f"{plan['http_workers']} workers x {plan['http_threads']} threads, {client} with "
+            f"{plan['http_connections']} connections on loopback, {plan['http_duration']} s "
+            f"after {plan['http_warmup']} s of warm-up, {plan['http_rounds']} round(s). "
+            f"Pooled configurations hold {plan['size']} connections per worker.",
+            "",
+        ]
+        lines += _runs_table(summarize_runs(http), labels, starved=False)
+        lines.append("")
+    micro = results.get("micro")
+    django_micro = results.get("django_micro")
+    if micro or django_micro:
+        lines += ["## Micro-benchmarks", ""]
+    if django_micro:
+        lines += [
+            "Django-level `ensure_connection()` + `close()` per backend (the persistent "
+            "configurations run `close_if_unusable_or_obsolete()`, as their requests do), "
+            "median of the rounds:",
+            "",
+        ]
+        lines += _table(
+            ["configuration", "us per request"],
+            [
+                [labels.get(name, name), _us(statistics.median(values))]
+                for name, values in django_micro.items()
+                if values
+            ],
+        )
+        lines.append("")
+    if micro:
+        lines += ["Raw pools, one uncontended borrow + release, and the reference units:", ""]
+        lines += _table(
+            ["operation", "us (median)", "us (best)"],
+            [
+                [name, _us(v["median"]), _us(v["best"])]
+                for section in ("borrow_release", "references")
+                for name, v in micro[section].items()
+            ],
+        )
+        lines += [
+            "",
+            "Raw pools under contention: 8 threads doing borrow, `SELECT 1`, release on 4 "
+            "connections (psycopg2's ThreadedConnectionPool is left out: it raises "
+            "instead of waiting when exhausted):",
+            "",
+        ]
+        lines += _table(
+            ["pool", "ops/s", "ops per thread (min-max)", "errors"],
+            [
+                [
+                    name,
+                    f"{v['ops_per_s']:,.0f}",
+                    f"{v['min_thread']}-{v['max_thread']}",
+                    str(v["errors"]),
+                ]
+                for name, v in micro["contended"].items()
+            ],
+        )
+        lines.append("")
+    notes = [c for c in meta["configs"] if c["note"]]
+    if notes:
+        lines += ["Notes:", ""]
+        lines += [f"- {c['label']}: {c['note']}." for c in notes]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.report")
+    parser.add_argument("results", type=Path)
+    args = parser.parse_args()
+    sys.stdout.write(render(json.loads(args.results.read_text())))
+
+
+if __name__ == "__main__":
+    main()
