@@ -1,0 +1,1 @@
+"""The demo Django project deployed by the Heroku button (see docs/demo.md)."""

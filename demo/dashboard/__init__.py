@@ -1,0 +1,1 @@
+"""The demo's one app: a page showing this process's pool, a JSON twin, /healthz, load."""
