@@ -58,5 +58,15 @@ bench-quick:
 	sh bench/venv.sh $(PYTHON)
 	.venv-bench/bin/python -m bench --quick $(BENCH_ARGS)
 
+# The demo as Heroku runs it (demo/run.py): collectstatic, the Procfile's release command,
+# then its web command, and the URL once /healthz answers. Without DATABASE_URL it runs on an
+# embedded PostgreSQL whose data stays in .pgdata (git-ignored); Ctrl-C stops both.
+run: $(STAMP)
+ifeq ($(strip $(DATABASE_URL)),)
+	$(BIN)/python -m devtools.pgcluster run --datadir .pgdata -- $(BIN)/python -m demo.run
+else
+	$(BIN)/python -m demo.run
+endif
+
 clean:
 	rm -rf $(VENV) .tox build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
