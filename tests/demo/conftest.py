@@ -10,6 +10,7 @@ are read by the subprocesses, from the environment each test gives them.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import signal
@@ -27,7 +28,7 @@ from typing import Any
 import pytest
 
 from demo.run import SHELL, free_port, group_alive, read_procfile
-from tests.conftest import Server
+from tests.conftest import Server, require
 
 ROOT = Path(__file__).resolve().parents[2]
 BINDIR = str(Path(sys.executable).parent)  # the virtualenv's: python, gunicorn
@@ -87,6 +88,13 @@ def get(
 def get_json(url: str) -> tuple[int, dict[str, Any]]:
     status, body = get(url, headers={"Accept": "application/json"})
     return status, json.loads(body)
+
+
+@pytest.fixture(scope="session")
+def demo_extra() -> None:
+    """gunicorn and whitenoise: the demo extra (``pip install -e .[test,demo]``)."""
+    for name in ("gunicorn", "whitenoise"):
+        require(importlib.util.find_spec(name) is not None, f"{name} (the demo extra)")
 
 
 @dataclass

@@ -20,6 +20,8 @@ from demo.run import SHELL
 from tests.conftest import require
 from tests.demo.conftest import ROOT, SECRET_KEY, DemoDatabase, clean_env, manage
 
+pytestmark = pytest.mark.usefixtures("demo_extra")
+
 SCHEMA_PATH = ROOT / "schemas" / "app.json.schema.json"
 
 #: Files by which Heroku's Python buildpack picks a package manager; more than one is an error

@@ -29,7 +29,7 @@ from tests.demo.conftest import (
     web_env,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("demo_extra")]
 
 
 def test_sigterm_stops_the_web_command_within_herokus_window(

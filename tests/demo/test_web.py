@@ -31,7 +31,7 @@ from tests.demo.conftest import (
     get_json,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("demo_extra")]
 
 
 def test_root_does_database_work_and_shows_the_pool(web: WebProcess) -> None:
