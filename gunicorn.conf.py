@@ -43,6 +43,6 @@ control_socket_disable = True
 
 def worker_exit(server, worker):
     """Close this worker's pools, so PostgreSQL sees clean disconnects, not dropped sockets."""
-    from herokupool import registry
+    import herokupool
 
-    registry.close_all()
+    herokupool.close_pools()

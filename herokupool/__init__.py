@@ -5,7 +5,7 @@ from __future__ import annotations
 from herokupool.config import config, parse
 from herokupool.errors import PoolClosed, PoolError, PoolTimeout
 from herokupool.pool import ConnectionPool
-from herokupool.registry import stats
+from herokupool.registry import close_pools, stats
 
 __all__ = [
     "ConnectionPool",
@@ -13,6 +13,7 @@ __all__ = [
     "PoolError",
     "PoolTimeout",
     "__version__",
+    "close_pools",
     "config",
     "parse",
     "stats",

@@ -15,7 +15,7 @@ from collections.abc import Callable, Hashable
 
 from herokupool.pool import ConnectionPool
 
-__all__ = ["close", "close_all", "get", "stats"]
+__all__ = ["close", "close_all", "close_pools", "get", "stats"]
 
 _lock = threading.Lock()
 _pools: dict[str, dict[Hashable, ConnectionPool]] = {}
@@ -47,6 +47,19 @@ def close(alias: str) -> None:
 def close_all() -> None:
     """Close every pool of this process."""
     for alias in list(_pools):
+        close(alias)
+
+
+def close_pools(alias: str | None = None) -> None:
+    """Close this process's pools: every alias's, or only ``alias``'s.
+
+    Use it where a process is about to exit (gunicorn's ``worker_exit`` hook), so the
+    server sees clean disconnects.  Connections borrowed at that moment are closed when
+    released; a later borrow opens a new pool.
+    """
+    if alias is None:
+        close_all()
+    else:
         close(alias)
 
 

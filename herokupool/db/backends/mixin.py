@@ -11,8 +11,11 @@ level, the time zone and the role, and sends ``connection_created`` each time.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import psycopg2
@@ -42,6 +45,8 @@ else:
 
 __all__ = ["PooledDatabaseWrapperMixin"]
 
+logger = logging.getLogger("herokupool.backend")
+
 
 def _open(params: dict[str, Any]) -> Any:
     """Open one physical connection the way Django's own backend does."""
@@ -61,6 +66,7 @@ class PooledDatabaseWrapperMixin(_Base):
     _herokupool_pool: ConnectionPool | None = None  # the pool self.connection came from
     _herokupool_unusable = False  # set while close() drops a connection a health check failed
     _herokupool_last: tuple[dict[str, Any], dict[str, Any], ConnectionPool] | None = None
+    _herokupool_orphan: weakref.finalize[Any, Any] | None = None  # see _return_if_orphaned
 
     @property
     def _pooled(self) -> bool:
@@ -83,6 +89,7 @@ class PooledDatabaseWrapperMixin(_Base):
         pool = self._pool_for(conn_params)
         conn = pool.borrow()
         self._herokupool_pool = pool
+        self._herokupool_orphan = _return_if_orphaned(self, pool, conn)
         # As Django's get_new_connection(): the isolation level from OPTIONS, or the
         # server's default (the pool reset the session's on release).
         level = self.settings_dict["OPTIONS"].get("isolation_level")
@@ -140,6 +147,9 @@ class PooledDatabaseWrapperMixin(_Base):
 
     def _close(self) -> None:
         pool, self._herokupool_pool = self._herokupool_pool, None
+        if self._herokupool_orphan is not None:
+            self._herokupool_orphan.detach()
+            self._herokupool_orphan = None
         if self.connection is None or pool is None:
             super()._close()  # type: ignore[misc]
             return
@@ -184,6 +194,29 @@ class PooledDatabaseWrapperMixin(_Base):
         self.health_check_done = True
 
 
+def _return_if_orphaned(
+    wrapper: PooledDatabaseWrapperMixin, pool: ConnectionPool, conn: Any
+) -> weakref.finalize[Any, Any]:
+    """Give ``conn`` back to ``pool`` if ``wrapper`` is collected while holding it.
+
+    Django's wrappers live in thread-local storage: a thread that ends without closing
+    its connection (a worker thread outside the request cycle that never calls
+    close_old_connections) drops its wrapper.  Django's own backend then closes the
+    socket; without this the pooled connection would stay borrowed for good.
+    """
+    guard = weakref.finalize(wrapper, _release_orphan, pool, conn)
+    guard.atexit = False  # at interpreter exit there is nobody left to serve
+    return guard
+
+
+def _release_orphan(pool: ConnectionPool, conn: Any) -> None:
+    logger.warning(
+        "pool %r: took back a connection whose thread ended without closing it", pool.name
+    )
+    with contextlib.suppress(Exception):
+        pool.release(conn)
+
+
 def _pool_key(conn_params: dict[str, Any], options: dict[str, Any]) -> tuple[tuple[str, str], ...]:
     """What makes two pools of one alias different: the libpq parameters (the password
     left out) and the pool settings."""
@@ -211,6 +244,9 @@ def _forget_inherited_connections() -> None:
         return
     for wrapper in wrappers:
         if isinstance(wrapper, PooledDatabaseWrapperMixin) and wrapper._herokupool_pool:
+            if wrapper._herokupool_orphan is not None:
+                wrapper._herokupool_orphan.detach()
+                wrapper._herokupool_orphan = None
             wrapper.connection = None
             wrapper._herokupool_pool = None
 
