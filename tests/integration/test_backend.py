@@ -410,3 +410,27 @@ def test_connect_errors_from_the_driver_carry_no_password(
 
 def test_psycopg2_error_hierarchy_is_kept() -> None:
     assert issubclass(PoolTimeout, psycopg2.OperationalError)
+
+
+def test_a_connection_kept_across_requests_is_health_checked_and_discarded(
+    make_wrapper: MakeWrapper, admin: Any
+) -> None:
+    # CONN_MAX_AGE > 0 pins a connection to the thread between requests (herokupool.W001
+    # warns), so the pool does not see it on the next request: Django's own
+    # CONN_HEALTH_CHECKS must still run, and a dead connection must not be pooled again.
+    wrapper = make_wrapper(MAX_CONNS=2)
+    wrapper.settings_dict.update(CONN_MAX_AGE=None, CONN_HEALTH_CHECKS=True)
+    wrapper.ensure_connection()
+    pid = backend_pid(wrapper)
+    wrapper.close_if_unusable_or_obsolete()  # request_finished: kept (CONN_MAX_AGE=None)
+    assert wrapper.connection is not None
+    with admin.cursor() as cursor:
+        cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
+    time.sleep(0.2)
+    wrapper.close_if_unusable_or_obsolete()  # request_started of the next request
+    new_pid = backend_pid(wrapper)  # no error reaches the application
+    assert new_pid != pid
+    stats = herokupool.stats()[wrapper.alias]
+    assert stats["connections_discarded"] >= 1
+    assert stats["in_use"] == 1
+    assert stats["idle"] == 0, "the dead connection was not put back"
