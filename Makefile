@@ -19,7 +19,7 @@ help:
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,lint,demo]'
+	$(BIN)/python -m pip install --quiet -e '.[test,dev,demo]'
 	touch $(STAMP)
 
 venv: $(STAMP)
