@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv test test-unit test-fresh matrix lint format run bench bench-quick clean
+.PHONY: help venv test test-unit test-fresh matrix lint format run bench bench-quick faults clean
 
 help:
 	@echo "make run          the demo app (embedded PostgreSQL unless DATABASE_URL is set)"
@@ -15,6 +15,7 @@ help:
 	@echo "make matrix       unit tests across Python x Django with tox"
 	@echo "make lint         ruff and mypy (strict)"
 	@echo "make bench        the benchmark against peers; make bench-quick for a short run"
+	@echo "make faults       restarts, killed backends, outage, full server, new password, soak"
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +36,13 @@ test-unit: $(STAMP)
 # (they run in `make test`).
 test-fresh: $(STAMP)
 	env -u HEROKUPOOL_TEST_DSN -u DATABASE_URL $(BIN)/python -X dev -m pytest tests -m "not postgis" $(PYTEST_ARGS)
+
+# The fault suite (tests/faults, docs/reliability.md): the app under gunicorn on private
+# PostgreSQL servers through a restart, killed backends, an outage, a full server and a password
+# change, then a soak (HEROKUPOOL_SOAK_SECONDS, 75 by default). Figures at the end and in
+# tests/faults/results.json.
+faults: $(STAMP)
+	$(BIN)/python -X dev -m pytest tests/faults $(PYTEST_ARGS)
 
 matrix: $(STAMP)
 	$(BIN)/python -m tox run-parallel --parallel 2 --parallel-no-spinner $(TOX_ARGS)
