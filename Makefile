@@ -33,9 +33,11 @@ test-unit: $(STAMP)
 
 # The "fresh machine" run: no DSN, so the suite starts its own embedded PostgreSQL.
 # PostGIS ships only with the system packages, so those tests are deselected here
-# (they run in `make test`).
+# (they run in `make test`); the fault suite and devtools' own tests start private
+# servers whatever the DSN, so `make test` has already run them.
 test-fresh: $(STAMP)
-	env -u HEROKUPOOL_TEST_DSN -u DATABASE_URL $(BIN)/python -X dev -m pytest tests -m "not postgis" $(PYTEST_ARGS)
+	env -u HEROKUPOOL_TEST_DSN -u DATABASE_URL $(BIN)/python -X dev -m pytest tests -m "not postgis" \
+		--ignore=tests/faults --ignore=tests/devtools $(PYTEST_ARGS)
 
 # The fault suite (tests/faults, docs/reliability.md): the app under gunicorn on private
 # PostgreSQL servers through a restart, killed backends, an outage, a full server and a password

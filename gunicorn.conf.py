@@ -41,6 +41,14 @@ errorlog = "-"
 control_socket_disable = True
 
 
+def when_ready(server):
+    """Close any pool the master made while importing the app (a query at import time), so
+    the master holds no connection that dynos x WEB_CONCURRENCY x POOL_MAX_CONNS leaves out."""
+    import herokupool
+
+    herokupool.close_pools()
+
+
 def worker_exit(server, worker):
     """Close this worker's pools, so PostgreSQL sees clean disconnects, not dropped sockets."""
     import herokupool
