@@ -346,10 +346,14 @@ class ConnectionPool:
             return f"validation failed: {_first_line(error)}"
         return None
 
-    def _open_in_slot(self) -> _Entry:
-        """Open a connection in a slot already counted in ``_connecting``."""
+    def _connect_in_slot(self) -> Any:
+        """Open a connection in a slot already counted in ``_connecting``.
+
+        On failure the slot goes to the next waiter, which tries for itself: during an
+        outage every borrower fails fast instead of queueing behind the first.
+        """
         try:
-            conn = self._connect()
+            return self._connect()
         except BaseException as error:
             with self._lock:
                 self._connecting -= 1
@@ -360,6 +364,10 @@ class ConnectionPool:
                 "pool %r: could not open a connection: %s", self.name, _first_line(error)
             )
             raise
+
+    def _open_in_slot(self) -> _Entry:
+        """Open a connection for the calling borrower (see ``_connect_in_slot``)."""
+        conn = self._connect_in_slot()
         now = self._clock()
         entry = _Entry(conn, now, self.max_lifetime)
         with self._lock:
@@ -591,18 +599,11 @@ class ConnectionPool:
             self._fill_one()
 
     def _fill_one(self) -> None:
+        """Open one connection towards ``min_conns`` (see ``_connect_in_slot``)."""
         try:
-            conn = self._connect()
-        except Exception as error:
-            with self._lock:
-                self._connecting -= 1
-                self._counters[CONNECTIONS_FAILED] += 1
-                self._last_error = error
-                self._wake_for_slot()
-            logger.warning(
-                "pool %r: could not open a connection: %s", self.name, _first_line(error)
-            )
-            return
+            conn = self._connect_in_slot()
+        except Exception:
+            return  # logged; the next maintenance run tries again
         entry = _Entry(conn, self._clock(), self.max_lifetime)
         with self._lock:
             self._connecting -= 1
