@@ -173,6 +173,9 @@ def _wrk(url: str, connections: int, seconds: int) -> dict[str, Any]:
         f"p{int(float(p))}": _seconds(value)
         for p, value in re.findall(r"^\s+(\d+)%\s+(\S+)$", output, re.MULTILINE)
     }
+    latency_max = re.search(r"^\s+Latency\s+\S+\s+\S+\s+(\S+)", output, re.MULTILINE)
+    if latency_max:
+        percentiles["max"] = _seconds(latency_max.group(1))
     errors: dict[str, int] = {}
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
     if non2xx:
@@ -192,7 +195,11 @@ def _wrk(url: str, connections: int, seconds: int) -> dict[str, Any]:
         "requests": requests,
         # Successful responses only: wrk's own Requests/sec counts errors too.
         "rps": rps * max(requests - failed, 0) / requests if requests else 0.0,
-        "latency": {"p50": percentiles.get("p50"), "p99": percentiles.get("p99")},
+        "latency": {
+            "p50": percentiles.get("p50"),
+            "p99": percentiles.get("p99"),
+            "max": percentiles.get("max"),
+        },
         "errors": errors,
     }
 
@@ -245,6 +252,7 @@ def _python_client(url: str, connections: int, seconds: int) -> dict[str, Any]:
         "latency": {
             "p50": latencies[count // 2] if count else None,
             "p99": latencies[min(count - 1, int(count * 0.99))] if count else None,
+            "max": latencies[-1] if count else None,
         },
         "errors": dict(errors),
     }

@@ -50,6 +50,25 @@ def render(results: dict[str, Any], path: Path) -> None:
         p99 = [summary[t][name]["p99"] * 1e3 for t in threads]
         rps_ax.plot(xs, rps, label=labels.get(name, name), **style)
         p99_ax.plot(xs, p99, label=labels.get(name, name), **style)
+    # A pool that starves threads keeps a low p99 (the few starved waits drown in the
+    # fast requests of the others): say so on the plot.
+    last = threads[-1]
+    starving = [
+        f"{labels.get(n, n)}: {summary[last][n]['starved_threads']} of {last} threads starved"
+        for n in names
+        if summary[last][n]["starved_threads"]
+    ]
+    if starving:
+        p99_ax.text(
+            0.98,
+            0.03,
+            f"at T={last}:\n" + "\n".join(starving),
+            transform=p99_ax.transAxes,
+            ha="right",
+            va="bottom",
+            fontsize=7,
+            bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "#cccccc"},
+        )
     size = results["meta"]["plan"]["size"]
     for ax in (rps_ax, p99_ax):
         ax.set_xscale("log", base=2)
@@ -80,7 +99,6 @@ def render(results: dict[str, Any], path: Path) -> None:
         )
         ax.set_xlim(right=max(values) * 1.2)
         ax.tick_params(axis="y", labelsize=8)
-    fig.suptitle("herokupool vs peers (Django, PostgreSQL on loopback, 2 cores)")
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

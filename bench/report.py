@@ -77,9 +77,13 @@ def summarize_runs(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str,
             "p99": statistics.median(x["p99"] for x in latency if x.get("p99") is not None)
             if any(x.get("p99") is not None for x in latency)
             else None,
+            "max": max((x["max"] for x in latency if x.get("max") is not None), default=None),
             "errors": _errors(rounds),
             "peak_server_connections": max(r.get("peak_server_connections", 0) for r in rounds),
             "starved_threads": max((r.get("starved_threads", 0) for r in rounds), default=0),
+            "cpu_us": statistics.median(r["per_request"]["cpu_us"] for r in rounds)
+            if all("per_request" in r for r in rounds)
+            else None,
             "rounds": len(rounds),
         }
     return summary
@@ -223,8 +227,11 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def _runs_table(
     summary: dict[str, dict[str, Any]], labels: dict[str, str], *, starved: bool
 ) -> list[str]:
-    header = ["configuration", "req/s", "x ceiling", "x no pool", "p50 ms", "p99 ms"]
+    header = ["configuration", "req/s", "x ceiling", "x no pool", "p50 ms", "p99 ms", "max ms"]
     header += ["errors", "peak server conns"] + (["starved threads"] if starved else [])
+    cpu = all(s.get("cpu_us") is not None for s in summary.values())
+    if cpu:
+        header.append("CPU us/req")
     rows = []
     for name, s in summary.items():
         row = [
@@ -234,13 +241,52 @@ def _runs_table(
             _x(s["vs_no_pool"]),
             _ms(s["p50"]),
             _ms(s["p99"]),
+            _ms(s["max"]),
             _errors_text(s["errors"]),
             str(s["peak_server_connections"]),
         ]
         if starved:
             row.append(str(s["starved_threads"]))
+        if cpu:
+            row.append(f"{s['cpu_us']:.0f}")
         rows.append(row)
     return _table(header, rows)
+
+
+def render_summary(results: dict[str, Any]) -> str:
+    """One row per configuration: the numbers the README shows."""
+    labels = _labels(results)
+    inprocess = inprocess_summary(results)
+    fairness = results.get("fairness", {})
+    http = summarize_runs(results.get("http", {}))
+    micro = results.get("django_micro", {})
+    header = ["configuration"]
+    header += [f"T={t} x ceiling" for t in ("8", "32") if t in inprocess]
+    header += ["T=32 p99 / max ms", "T=32 starved threads", "fairness: starved / errors"]
+    header += ["HTTP x ceiling", "connect+close us"]
+    rows = []
+    for config in results["meta"]["configs"]:
+        name = config["name"]
+        if not any(name in runs for runs in inprocess.values()):
+            continue
+        row = [f"**{labels[name]}**" if name == HEROKUPOOL else labels[name]]
+        for t in ("8", "32"):
+            if t in inprocess:
+                row.append(_x(inprocess[t].get(name, {}).get("vs_ceiling")))
+        t32 = inprocess.get("32", {}).get(name, {})
+        row.append(f"{_ms(t32.get('p99'))} / {_ms(t32.get('max'))}")
+        row.append(str(t32.get("starved_threads", "-")))
+        runs = fairness.get(name)
+        if runs:
+            starved = max(r["starved_threads"] for r in runs)
+            errors = sum(sum(r["errors"].values()) for r in runs)
+            row.append(f"{starved} / {errors}")
+        else:
+            row.append("-")
+        row.append(_x(http.get(name, {}).get("vs_ceiling")))
+        row.append(_us(statistics.median(micro[name])) if micro.get(name) else "-")
+        rows.append(row)
+    return "\n".join(_table(header, rows)) + "\n"
 
 
 def render(results: dict[str, Any]) -> str:
@@ -264,6 +310,8 @@ def render(results: dict[str, Any]) -> str:
         f"median over {plan['rounds']} round(s) (lowest-highest).",
         "",
     ]
+    if results.get("inprocess"):
+        lines += ["## Summary", "", render_summary(results)]
     rows = targets(results)
     if rows:
         lines += ["## Targets", ""]
@@ -280,7 +328,8 @@ def render(results: dict[str, Any]) -> str:
             f"## In-process WSGI, T={threads} threads",
             "",
             f"{plan['duration']:g} s windows after {plan['warmup']:g} s of warm-up; requests "
-            "still in flight at the end of a window count in the latency tail.",
+            "still in flight at the end of a window count in the latency tail. CPU us/req: "
+            "the worker process's CPU time (user + system) per request.",
             "",
         ]
         lines += _runs_table(summary, labels, starved=True)
@@ -395,8 +444,10 @@ def render(results: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.report")
     parser.add_argument("results", type=Path)
+    parser.add_argument("--summary", action="store_true", help="only the README's table")
     args = parser.parse_args()
-    sys.stdout.write(render(json.loads(args.results.read_text())))
+    results = json.loads(args.results.read_text())
+    sys.stdout.write(render_summary(results) if args.summary else render(results))
 
 
 if __name__ == "__main__":

@@ -58,12 +58,12 @@ class Plan:
     fairness_timeout: float = 2.0
     fairness_rounds: int = 1
     fairness_duration: float = 8.0
-    http_rounds: int = 2
+    http_rounds: int = 3
     http_workers: int = 2
     http_threads: int = 8
     http_connections: int = 32
     http_warmup: int = 1
-    http_duration: int = 5
+    http_duration: int = 3
 
 
 FULL = Plan()
@@ -170,6 +170,7 @@ class Bench:
         result["rps"] = sum(ok) / duration
         result["starved_threads"] = sum(1 for count in ok if count == 0)
         result["peak_server_connections"] = peak["peak"]
+        result["loadavg"] = round(os.getloadavg()[0], 2)
         return result
 
     # ----------------------------------------------------------------- phases
@@ -294,6 +295,7 @@ class Bench:
                     finally:
                         server.stop()
                     result["peak_server_connections"] = peak["peak"]
+                    result["loadavg"] = round(os.getloadavg()[0], 2)
                     result["round"] = round_
                     results[config.name].append(result)
                     log(f"HTTP round {round_ + 1}: {config.name} {result['rps']:.0f} req/s")

@@ -30,6 +30,7 @@ import logging  # noqa: E402
 import os  # noqa: E402
 import queue  # noqa: E402
 import random  # noqa: E402
+import resource  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
@@ -84,6 +85,7 @@ class Window:
     def __init__(self, threads: int, start: float, end: float) -> None:
         self.start = start
         self.end = end
+        self.usage: dict[str, float] = {}
         self.records = [Record() for _ in range(threads)]
         self.done = threading.Semaphore(0)
 
@@ -176,11 +178,13 @@ class Driver:
             return f"HTTP {status[0] if status else '?'}"
         return None
 
-    def broadcast(self, threads: int, job: Any, wait: float) -> bool:
+    def broadcast(self, threads: int, job: Any, wait: float, during: Window | None = None) -> bool:
         done = threading.Semaphore(0)
         for jobs in self.queues[:threads]:
             jobs.put((job, done))
         deadline = time.monotonic() + wait
+        if during is not None:
+            during.usage = usage_during(during.start, during.end)
         return all(
             done.acquire(timeout=max(deadline - time.monotonic(), 0.0)) for _ in range(threads)
         )
@@ -192,7 +196,7 @@ class Driver:
         begin = perf_counter() + 0.01
         job = Window(threads, begin + warmup, begin + warmup + duration)
         # A thread can be stuck in its pool's queue up to the pool timeout past the end.
-        finished = self.broadcast(threads, job, warmup + duration + timeout + 30.0)
+        finished = self.broadcast(threads, job, warmup + duration + timeout + 30.0, during=job)
         self.broadcast(threads, "close", 30.0)  # persistent connections: give them back
         result: dict[str, Any] = {
             "threads": threads,
@@ -206,8 +210,31 @@ class Driver:
             ),
             "in_flight": sum(r.censored is not None for r in job.records),
         }
+        # The process's CPU time and context switches per request completed in the
+        # window: what the configuration costs beyond the requests themselves.
+        completed = sum(r.ok + sum(r.errors.values()) for r in job.records)
+        if completed:
+            result["per_request"] = {key: value / completed for key, value in job.usage.items()}
         result["pool_stats"] = pool_stats()
         return result
+
+
+def _usage() -> dict[str, float]:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        "cpu_us": (ru.ru_utime + ru.ru_stime) * 1e6,
+        "voluntary_switches": ru.ru_nvcsw,
+        "involuntary_switches": ru.ru_nivcsw,
+    }
+
+
+def usage_during(start: float, end: float) -> dict[str, float]:
+    """Resource usage of this process between two perf_counter() instants to come."""
+    time.sleep(max(start - perf_counter(), 0.0))
+    before = _usage()
+    time.sleep(max(end - perf_counter(), 0.0))
+    after = _usage()
+    return {key: after[key] - before[key] for key in after}
 
 
 def summarize(latencies: list[float]) -> dict[str, float | int]:
