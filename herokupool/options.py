@@ -15,7 +15,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["OPTIONS", "OptionError", "PoolOption", "parse_bool", "parse_options", "split_options"]
+__all__ = [
+    "OPTIONS",
+    "POOL_SETTINGS",
+    "OptionError",
+    "PoolOption",
+    "parse_bool",
+    "parse_options",
+    "split_options",
+]
 
 
 class OptionError(ValueError):
@@ -137,6 +145,8 @@ OPTIONS: tuple[PoolOption, ...] = (
 )
 
 BY_NAME: Mapping[str, PoolOption] = {option.name: option for option in OPTIONS}
+#: The upper-case names: the keys of ``OPTIONS`` that are the pool's, not libpq's.
+POOL_SETTINGS: frozenset[str] = frozenset(BY_NAME)
 
 
 def split_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

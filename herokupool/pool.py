@@ -84,7 +84,7 @@ _inherited: list[Any] = []
 class _Entry:
     """The pool's bookkeeping for one physical connection."""
 
-    __slots__ = ("borrowed_at", "conn", "created_at", "expires_at", "last_used", "stack")
+    __slots__ = ("borrowed_at", "conn", "created_at", "expires_at", "last_used", "poller", "stack")
 
     def __init__(self, conn: Any, now: float, lifetime: float | None) -> None:
         self.conn = conn
@@ -97,6 +97,7 @@ class _Entry:
             else float("inf")
         )
         self.stack: list[str] | None = None
+        self.poller = _poller(conn)
 
 
 class _Waiter:
@@ -253,29 +254,29 @@ class ConnectionPool:
                     if started is None:  # count a borrow's wait once, however often it loops
                         self._counters[WAITS] += 1
             if waiter is not None:
+                began = self._clock()
                 if started is None:
-                    started = self._clock()
-                got = self._wait(waiter, started, timeout)
+                    started = began
+                got = self._wait(waiter, started, began, timeout)
             lent = self._ready(got)
             if lent is not None:
-                now = lent.borrowed_at = self._clock()
-                if started is not None:
-                    with self._lock:
-                        self._wait_time += now - started
+                lent.borrowed_at = self._clock()
                 if self.leak_threshold is not None:
                     lent.stack = traceback.format_stack()[:-2]
                 return lent.conn
 
-    def _wait(self, waiter: _Waiter, started: float, timeout: float) -> _Entry | str:
-        waiter.wait(timeout - (self._clock() - started))
+    def _wait(self, waiter: _Waiter, started: float, began: float, timeout: float) -> _Entry | str:
+        """Wait in line; ``started`` is when the borrow began, ``began`` this wait."""
+        waiter.wait(timeout - (began - started))
         with self._lock:
             result = waiter.result
+            now = self._clock()
+            self._wait_time += now - began
+            waited = now - started
             if result is None:
                 # Nobody served us before we took the lock: leave the queue for good.
                 self._waiters.remove(waiter)
                 self._counters[TIMEOUTS] += 1
-                waited = self._clock() - started
-                self._wait_time += waited
                 message = (
                     f"pool {self.name!r}: timed out after {waited:.1f} s waiting for a "
                     f"connection ({len(self._in_use)} in use, {len(self._idle)} idle, "
@@ -327,7 +328,7 @@ class ConnectionPool:
         # An idle connection has nothing to read: if the socket is readable the server
         # closed it or sent something (a FATAL before terminating, a NOTIFY), which only
         # a query can tell apart.  The zero-timeout poll costs no round trip.
-        suspicious = _readable(conn)
+        suspicious = entry.poller is None or bool(entry.poller.poll(0))
         idle_for = now - entry.last_used
         if not (
             suspicious
@@ -702,15 +703,16 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _readable(conn: Any) -> bool:
+def _poller(conn: Any) -> select.poll | None:
+    """A poll object on the connection's socket, made once per connection: each check
+    is then one zero-timeout poll() call.  None when there is no socket to watch (the
+    check then falls back to a validation query)."""
     try:
-        fd = conn.fileno()
+        poller = select.poll()
+        poller.register(conn.fileno(), select.POLLIN)
     except Exception:
-        return True  # cannot tell: let the validation query decide
-    try:
-        return bool(select.select([fd], [], [], 0)[0])
-    except (OSError, ValueError):
-        return True
+        return None
+    return poller
 
 
 _devnull: int | None = None

@@ -27,8 +27,8 @@ from django.db.backends.postgresql.psycopg_any import IsolationLevel, is_psycopg
 
 from herokupool import registry
 from herokupool._redact import SECRET_KEYS
-from herokupool.config import missing_env_error
-from herokupool.options import OptionError, parse_options, split_options
+from herokupool.config import MISSING_ENV_KEY, missing_env_error
+from herokupool.options import POOL_SETTINGS, OptionError, parse_options, split_options
 from herokupool.pool import ConnectionPool
 
 if is_psycopg3:  # pragma: no cover - depends on what is installed
@@ -66,7 +66,9 @@ class PooledDatabaseWrapperMixin(_Base):
     _herokupool_pool: ConnectionPool | None = None  # the pool self.connection came from
     _herokupool_unusable = False  # set while close() drops a connection a health check failed
     _herokupool_last: tuple[dict[str, Any], dict[str, Any], ConnectionPool] | None = None
-    _herokupool_orphan: weakref.finalize[Any, Any] | None = None  # see _return_if_orphaned
+    # [pool, conn] while a connection is borrowed, else empty; watched for the wrapper's
+    # whole life by one finalizer (see _guard_against_orphans).
+    _herokupool_held: list[Any] | None = None
 
     @property
     def _pooled(self) -> bool:
@@ -75,12 +77,13 @@ class PooledDatabaseWrapperMixin(_Base):
         return self.alias != NO_DB_ALIAS
 
     def get_connection_params(self) -> dict[str, Any]:
-        error = missing_env_error(self.settings_dict)
-        if error is not None:
-            raise error
-        params = super().get_connection_params()
-        for name in split_options(self.settings_dict["OPTIONS"])[0]:
-            params.pop(name, None)
+        if MISSING_ENV_KEY in self.settings_dict:
+            error = missing_env_error(self.settings_dict)
+            if error is not None:
+                raise error
+        params = super().get_connection_params()  # has every OPTIONS key, ours included
+        for name in POOL_SETTINGS.intersection(params):
+            del params[name]
         return params
 
     def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
@@ -89,7 +92,10 @@ class PooledDatabaseWrapperMixin(_Base):
         pool = self._pool_for(conn_params)
         conn = pool.borrow()
         self._herokupool_pool = pool
-        self._herokupool_orphan = _return_if_orphaned(self, pool, conn)
+        held = self._herokupool_held
+        if held is None:
+            held = self._herokupool_held = _guard_against_orphans(self)
+        held[:] = (pool, conn)
         # As Django's get_new_connection(): the isolation level from OPTIONS, or the
         # server's default (the pool reset the session's on release).
         level = self.settings_dict["OPTIONS"].get("isolation_level")
@@ -147,9 +153,8 @@ class PooledDatabaseWrapperMixin(_Base):
 
     def _close(self) -> None:
         pool, self._herokupool_pool = self._herokupool_pool, None
-        if self._herokupool_orphan is not None:
-            self._herokupool_orphan.detach()
-            self._herokupool_orphan = None
+        if self._herokupool_held:
+            self._herokupool_held.clear()
         if self.connection is None or pool is None:
             super()._close()  # type: ignore[misc]
             return
@@ -194,22 +199,27 @@ class PooledDatabaseWrapperMixin(_Base):
         self.health_check_done = True
 
 
-def _return_if_orphaned(
-    wrapper: PooledDatabaseWrapperMixin, pool: ConnectionPool, conn: Any
-) -> weakref.finalize[Any, Any]:
-    """Give ``conn`` back to ``pool`` if ``wrapper`` is collected while holding it.
+def _guard_against_orphans(wrapper: PooledDatabaseWrapperMixin) -> list[Any]:
+    """Return a holder for ``[pool, conn]`` whose connection goes back to its pool if
+    ``wrapper`` is garbage-collected while holding one.
 
     Django's wrappers live in thread-local storage: a thread that ends without closing
     its connection (a worker thread outside the request cycle that never calls
     close_old_connections) drops its wrapper.  Django's own backend then closes the
-    socket; without this the pooled connection would stay borrowed for good.
+    socket; without this the pooled connection would stay borrowed for good.  One
+    finalizer per wrapper, not per borrow: borrowing only fills the holder.
     """
-    guard = weakref.finalize(wrapper, _release_orphan, pool, conn)
+    held: list[Any] = []
+    guard = weakref.finalize(wrapper, _release_orphan, held)
     guard.atexit = False  # at interpreter exit there is nobody left to serve
-    return guard
+    return held
 
 
-def _release_orphan(pool: ConnectionPool, conn: Any) -> None:
+def _release_orphan(held: list[Any]) -> None:
+    if not held:
+        return
+    pool, conn = held
+    held.clear()
     logger.warning(
         "pool %r: took back a connection whose thread ended without closing it", pool.name
     )
@@ -244,9 +254,8 @@ def _forget_inherited_connections() -> None:
         return
     for wrapper in wrappers:
         if isinstance(wrapper, PooledDatabaseWrapperMixin) and wrapper._herokupool_pool:
-            if wrapper._herokupool_orphan is not None:
-                wrapper._herokupool_orphan.detach()
-                wrapper._herokupool_orphan = None
+            if wrapper._herokupool_held:
+                wrapper._herokupool_held.clear()
             wrapper.connection = None
             wrapper._herokupool_pool = None
 
