@@ -27,10 +27,14 @@ __all__ = ["Gunicorn", "load", "load_generator"]
 
 ROWS = 1000
 
+# "Connection: close": gunicorn's workers share one listening socket, and 32 keep-alive
+# connections opened at once can land mostly on one worker, which made whole rounds
+# run at half speed (bimodal results for every configuration). A connection per request,
+# as a router's would be spread, keeps both workers busy; every configuration pays it.
 _LUA = """
 math.randomseed(42)
 request = function()
-  return wrk.format(nil, "/item/" .. math.random(1, %d) .. "/")
+  return wrk.format(nil, "/item/" .. math.random(1, %d) .. "/", {["Connection"] = "close"})
 end
 """
 
