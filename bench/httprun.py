@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,8 @@ import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
+
+from devtools.pgcluster import free_port
 
 __all__ = ["Gunicorn", "load", "load_generator"]
 
@@ -39,12 +40,6 @@ end
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class Gunicorn:
     """``gunicorn bench.wsgi -k gthread`` for one configuration, on a free port."""
 
@@ -52,7 +47,7 @@ class Gunicorn:
         self.spec = spec
         self.workers = workers
         self.threads = threads
-        self.port = _free_port()
+        self.port = free_port()
         self._log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed in stop()
             prefix=f"herokupool-bench-gunicorn-{spec['name']}-", suffix=".log", delete=False
         )
