@@ -117,6 +117,25 @@ def in_threads(count: int, target: Callable[[int], None]) -> None:
         assert not thread.is_alive(), "a borrower hung"
 
 
+def timed_requests(
+    count: int, make_wrapper: MakeWrapper, url: str, **options: Any
+) -> list[tuple[float, BaseException | None]]:
+    """``count`` concurrent requests; each one's duration and its OperationalError (or None)."""
+    outcomes: list[tuple[float, BaseException | None]] = []
+
+    def client(_: int) -> None:
+        started = time.monotonic()
+        try:
+            request(make_wrapper, url, **options)
+        except OperationalError as error:
+            outcomes.append((time.monotonic() - started, error))
+        else:
+            outcomes.append((time.monotonic() - started, None))
+
+    in_threads(count, client)
+    return outcomes
+
+
 def warm_up(make_wrapper: MakeWrapper, url: str, count: int, **options: Any) -> set[int]:
     """Open ``count`` pooled connections at once and return them idle; their backend pids."""
     wrappers = [make_wrapper(url=url, **options) for _ in range(count)]
@@ -271,20 +290,9 @@ def test_b_a_frozen_server_cannot_hang_a_borrower_past_connect_timeout(
     url = cluster.dsn("postgres")
     timeout = 1.0  # connect_timeout becomes libpq's minimum, 2 s
     options = {"MAX_CONNS": 2, "TIMEOUT": timeout}
-    outcomes: list[tuple[float, BaseException | None]] = []
-
-    def client(_: int) -> None:
-        started = time.monotonic()
-        try:
-            request(make_wrapper, url, **options)
-        except OperationalError as error:
-            outcomes.append((time.monotonic() - started, error))
-        else:
-            outcomes.append((time.monotonic() - started, None))
-
     os.kill(postmaster_pid(cluster), signal.SIGSTOP)
     try:
-        in_threads(4, client)
+        outcomes = timed_requests(4, make_wrapper, url, **options)
     finally:
         os.kill(postmaster_pid(cluster), signal.SIGCONT)
 
@@ -323,18 +331,7 @@ def test_c_a_full_server_gives_a_clear_error_quickly_and_the_pool_recovers(
         with pytest.raises(psycopg2.OperationalError, match="too many clients"):
             fillers.append(connect(cluster))
 
-        outcomes: list[tuple[float, BaseException | None]] = []
-
-        def client(_: int) -> None:
-            started = time.monotonic()
-            try:
-                request(make_wrapper, url, **options)
-            except OperationalError as error:
-                outcomes.append((time.monotonic() - started, error))
-            else:
-                outcomes.append((time.monotonic() - started, None))
-
-        in_threads(3, client)
+        outcomes = timed_requests(3, make_wrapper, url, **options)
         assert len(outcomes) == 3
         for duration, error in outcomes:
             assert error is not None
