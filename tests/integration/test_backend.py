@@ -434,3 +434,15 @@ def test_a_connection_kept_across_requests_is_health_checked_and_discarded(
     assert stats["connections_discarded"] >= 1
     assert stats["in_use"] == 1
     assert stats["idle"] == 0, "the dead connection was not put back"
+
+
+def test_an_invalid_isolation_level_is_refused_before_borrowing(
+    make_wrapper: MakeWrapper, sessions: Callable[[], int]
+) -> None:
+    from django.core.exceptions import ImproperlyConfigured
+
+    wrapper = make_wrapper(MAX_CONNS=1, isolation_level=99)
+    with pytest.raises(ImproperlyConfigured, match="Invalid transaction isolation level 99"):
+        wrapper.ensure_connection()
+    assert wrapper.connection is None
+    assert sessions() == 0, "no connection was borrowed, so none is left held"

@@ -63,12 +63,17 @@ def _open(params: dict[str, Any]) -> Any:
 class PooledDatabaseWrapperMixin(_Base):
     """Borrow connections from this process's pool instead of opening them."""
 
-    _herokupool_pool: ConnectionPool | None = None  # the pool self.connection came from
     _herokupool_unusable = False  # set while close() drops a connection a health check failed
     _herokupool_last: tuple[dict[str, Any], dict[str, Any], ConnectionPool] | None = None
     # [pool, conn] while a connection is borrowed, else empty; watched for the wrapper's
     # whole life by one finalizer (see _guard_against_orphans).
     _herokupool_held: list[Any] | None = None
+
+    @property
+    def _herokupool_pool(self) -> ConnectionPool | None:
+        """The pool ``self.connection`` was borrowed from, while it is borrowed."""
+        held = self._herokupool_held
+        return held[0] if held else None
 
     @property
     def _pooled(self) -> bool:
@@ -89,34 +94,34 @@ class PooledDatabaseWrapperMixin(_Base):
     def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
         if not self._pooled:
             return super().get_new_connection(conn_params)
-        pool = self._pool_for(conn_params)
-        conn = pool.borrow()
-        self._herokupool_pool = pool
-        held = self._herokupool_held
-        if held is None:
-            held = self._herokupool_held = _guard_against_orphans(self)
-        held[:] = (pool, conn)
         # As Django's get_new_connection(): the isolation level from OPTIONS, or the
-        # server's default (the pool reset the session's on release).
+        # server's default (the pool reset the session's on release).  Checked before
+        # borrowing, so a bad value never holds a connection.
         level = self.settings_dict["OPTIONS"].get("isolation_level")
         if level is None:
-            self.isolation_level = IsolationLevel.READ_COMMITTED
+            isolation_level = IsolationLevel.READ_COMMITTED
         else:
             try:
-                self.isolation_level = IsolationLevel(level)
+                isolation_level = IsolationLevel(level)
             except ValueError:
-                pool.release(conn)
-                self._herokupool_pool = None
                 raise ImproperlyConfigured(
                     f"Invalid transaction isolation level {level} specified. "
                     "Use one of the psycopg.IsolationLevel values."
                 ) from None
+        pool = self._pool_for(conn_params)
+        conn = pool.borrow()
+        held = self._herokupool_held
+        if held is None:
+            held = self._herokupool_held = _guard_against_orphans(self)
+        held[:] = (pool, conn)
+        self.isolation_level = isolation_level
+        if level is not None:
             # Outside autocommit, as on Django's fresh connections: psycopg2 then sends the
             # level with each BEGIN.  Set in autocommit it would SET the session's
             # default_transaction_isolation, which behind PgBouncer (transaction mode) stays on
             # the server connection and reaches other clients.  connect() restores autocommit.
             conn.autocommit = False
-            conn.isolation_level = self.isolation_level
+            conn.isolation_level = isolation_level
         return conn
 
     def _pool_for(self, conn_params: dict[str, Any]) -> ConnectionPool:
@@ -152,9 +157,9 @@ class PooledDatabaseWrapperMixin(_Base):
         return ConnectionPool(lambda: _open(params), name=self.alias, **kwargs)
 
     def _close(self) -> None:
-        pool, self._herokupool_pool = self._herokupool_pool, None
+        pool = self._herokupool_pool
         if self._herokupool_held:
-            self._herokupool_held.clear()
+            self._herokupool_held.clear()  # returned below: the orphan guard has nothing left
         if self.connection is None or pool is None:
             super()._close()  # type: ignore[misc]
             return
@@ -253,11 +258,9 @@ def _forget_inherited_connections() -> None:
     except Exception:  # settings not configured in this process: nothing to forget
         return
     for wrapper in wrappers:
-        if isinstance(wrapper, PooledDatabaseWrapperMixin) and wrapper._herokupool_pool:
-            if wrapper._herokupool_held:
-                wrapper._herokupool_held.clear()
+        if isinstance(wrapper, PooledDatabaseWrapperMixin) and wrapper._herokupool_held:
+            wrapper._herokupool_held.clear()
             wrapper.connection = None
-            wrapper._herokupool_pool = None
 
 
 if hasattr(os, "register_at_fork"):
