@@ -81,8 +81,16 @@ class Config:
             # ``size`` server connections per transaction.
             database["CONN_MAX_AGE"] = None
             database["DISABLE_SERVER_SIDE_CURSORS"] = True
+        elif self.name == "pgbouncer-connect":
+            assert pgbouncer_port is not None
+            database["PORT"] = str(pgbouncer_port)
+            # A new client connection to PgBouncer per request (CONN_MAX_AGE=0).
+            database["DISABLE_SERVER_SIDE_CURSORS"] = True
         elif self.name == "herokupool":
             database["ENGINE"] = "herokupool.db.backends.postgresql"
+            options.update({"MAX_CONNS": size, "TIMEOUT": timeout})
+        elif self.name == "herokupool-lending":
+            database["ENGINE"] = "bench.lending"
             options.update({"MAX_CONNS": size, "TIMEOUT": timeout})
         elif self.name != "no-pool":
             raise ValueError(f"unknown configuration {self.name!r}")
@@ -132,13 +140,28 @@ CONFIGS: tuple[Config, ...] = (
     ),
     Config(
         "pgbouncer",
-        "PgBouncer (transaction mode)",
+        "PgBouncer (transaction mode, CONN_MAX_AGE=None)",
         "psycopg2",
         pooled=True,
         via_pgbouncer=True,
-        note="stock backend, CONN_MAX_AGE=None, to a PgBouncer on loopback",
+        note="stock backend, persistent client connections, to a PgBouncer on loopback",
+    ),
+    Config(
+        "pgbouncer-connect",
+        "PgBouncer (transaction mode, CONN_MAX_AGE=0)",
+        "psycopg2",
+        pooled=True,
+        via_pgbouncer=True,
+        note="stock backend, a new client connection to PgBouncer per request",
     ),
     Config("herokupool", "herokupool", "psycopg2", pooled=True),
+    Config(
+        "herokupool-lending",
+        "herokupool (lending prototype)",
+        "psycopg2",
+        pooled=True,
+        note="bench.lending: the wrapper stays open, the physical connection is lent per request",
+    ),
 )
 
 

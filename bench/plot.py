@@ -28,7 +28,11 @@ STYLES: dict[str, dict[str, Any]] = {
     "dbcp-pg3": {"color": "#bcbd22", "marker": "^"},
     "postgrespool2": {"color": "#9467bd", "marker": "D"},
     "pgbouncer": {"color": "#8c564b", "marker": "P"},
+    "pgbouncer-connect": {"color": "#c49c94", "linestyle": ":", "marker": "P"},
     HEROKUPOOL: {"color": "#d62728", "marker": "*", "linewidth": 2.5, "markersize": 11},
+    "herokupool-lending": {"color": "#e377c2", "marker": "*", "linestyle": "-."},
+    "herokupool-connect": {"color": "#ff9896", "marker": "*", "linestyle": "-."},
+    "herokupool-transaction": {"color": "#17becf", "marker": "*", "linestyle": "--"},
 }
 
 
@@ -40,9 +44,10 @@ def render(results: dict[str, Any], path: Path) -> None:
         c["name"] for c in results["meta"]["configs"] if c["name"] in summary.get(threads[0], {})
     ]
     http = summarize_runs(results.get("http", {}))
-    panels = 3 if http else 2
-    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 5.2), constrained_layout=True)
-    rps_ax, p99_ax = axes[0], axes[1]
+    five = {t: summarize_runs(runs) for t, runs in results.get("inprocess5", {}).items()}
+    fig, grid = plt.subplots(2, 2, figsize=(13, 10.5), constrained_layout=True)
+    rps_ax, p99_ax = grid[0][0], grid[0][1]
+    five_ax, http_ax = grid[1][0], grid[1][1]
     xs = [int(t) for t in threads]
     for name in names:
         style = {"linewidth": 1.5, "markersize": 7, **STYLES.get(name, {})}
@@ -82,8 +87,29 @@ def render(results: dict[str, Any], path: Path) -> None:
     p99_ax.set_ylabel("p99 latency, ms (log)")
     p99_ax.set_title("p99 latency (in-flight requests counted)")
     rps_ax.legend(fontsize=8, loc="best")
+    if five:
+        threads5 = sorted(five, key=int)
+        width = 0.8 / max(1, len(names))
+        for i, name in enumerate(names):
+            values = [five[t][name]["rps"]["median"] if name in five[t] else 0.0 for t in threads5]
+            five_ax.bar(
+                [j + i * width for j in range(len(threads5))],
+                values,
+                width,
+                label=labels.get(name, name),
+                color=STYLES.get(name, {}).get("color", "#777777"),
+            )
+        five_ax.set_xticks(
+            [j + width * (len(names) - 1) / 2 for j in range(len(threads5))],
+            [f"T={t}" for t in threads5],
+        )
+        five_ax.set_ylabel("requests/s (median of rounds)")
+        five_ax.set_title("Five statements per request")
+        five_ax.grid(True, axis="y", alpha=0.3)
+    else:
+        five_ax.set_visible(False)
     if http:
-        ax = axes[2]
+        ax = http_ax
         order = [name for name in names if name in http]
         values = [http[name]["rps"]["median"] for name in order]
         colors = [STYLES.get(name, {}).get("color", "#777777") for name in order]
@@ -99,6 +125,8 @@ def render(results: dict[str, Any], path: Path) -> None:
         )
         ax.set_xlim(right=max(values) * 1.2)
         ax.tick_params(axis="y", labelsize=8)
+    else:
+        http_ax.set_visible(False)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

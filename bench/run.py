@@ -6,10 +6,13 @@ configurations (A B C ... A B C ..., the order rotated every round) so that drif
 the machine hits all of them alike:
 
 1. micro: the raw pools (``bench.micro``) and, in every worker, one Django-level
-   ``ensure_connection()`` + ``close()``;
-2. in-process: T = 1, 8, 32 threads on Django's WSGI handler, 4 server connections;
-3. fairness: 32 threads on 4 connections with a 2 s pool timeout;
-4. HTTP: gunicorn gthread (2 workers x 8 threads) and wrk on loopback.
+   ``ensure_connection()`` + ``close_if_unusable_or_obsolete()``;
+2. per-request overhead: one thread sending one-statement requests through Django's
+   WSGI handler, in short batches interleaved across the configurations;
+3. in-process: T = 1, 8, 32 threads on Django's WSGI handler, 4 server connections,
+   one statement per request; then T = 8, 32 with five statements per request;
+4. fairness: 32 threads on 4 connections with a 2 s pool timeout;
+5. HTTP: gunicorn gthread (2 workers x 8 threads) and wrk on loopback.
 
 Results land in ``<out>/results.json``; ``bench.report`` writes ``results.md`` and
 ``bench.plot`` the PNG.
@@ -46,6 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 class Plan:
     rounds: int = 3
     threads: tuple[int, ...] = (1, 8, 32)
+    threads5: tuple[int, ...] = (8, 32)  # the five-statements-per-request windows
     warmup: float = 0.5
     duration: float = 3.0
     size: int = 4
@@ -54,6 +58,8 @@ class Plan:
     micro_seconds: float = 0.2
     contended_seconds: float = 1.0
     django_micro_seconds: float = 0.3
+    overhead_rounds: int = 12
+    overhead_seconds: float = 0.25
     fairness_threads: int = 32
     fairness_timeout: float = 2.0
     fairness_rounds: int = 1
@@ -75,6 +81,8 @@ QUICK = Plan(
     micro_seconds=0.1,
     contended_seconds=0.5,
     django_micro_seconds=0.2,
+    overhead_rounds=4,
+    overhead_seconds=0.15,
     fairness_duration=3.0,
     http_rounds=1,
     http_duration=2,
@@ -160,12 +168,18 @@ class Bench:
         return workers
 
     def window(
-        self, worker: Worker, threads: int, warmup: float, duration: float
+        self, worker: Worker, threads: int, warmup: float, duration: float, statements: int = 1
     ) -> dict[str, Any]:
         name = worker.config.application_name
         self.watcher.wait_until_at_most(name, self.plan.size if worker.config.pooled else 0)
         with self.watcher.peak(name) as peak:
-            result = worker.command(op="window", threads=threads, warmup=warmup, duration=duration)
+            result = worker.command(
+                op="window",
+                threads=threads,
+                warmup=warmup,
+                duration=duration,
+                statements=statements,
+            )
         ok = result["per_thread_ok"]
         result["rps"] = sum(ok) / duration
         result["starved_threads"] = sum(1 for count in ok if count == 0)
@@ -220,19 +234,40 @@ class Bench:
                         )
                         django_micro[config.name].append(reply["per_op"])
                 self.results["django_micro"] = django_micro
-                inprocess: dict[str, dict[str, list[dict[str, Any]]]] = {
-                    str(t): {c.name: [] for c in self.configs} for t in plan.threads
-                }
-                for round_ in range(plan.rounds):
-                    for threads in plan.threads:
-                        log(f"in-process: round {round_ + 1}/{plan.rounds}, T={threads}")
-                        for config in rotated(self.configs, round_):
-                            result = self.window(
-                                workers[config.name], threads, plan.warmup, plan.duration
+                log("per-request overhead: one thread, one statement, interleaved batches")
+                overhead: dict[str, list[dict[str, Any]]] = {c.name: [] for c in self.configs}
+                for round_ in range(plan.overhead_rounds):
+                    for config in rotated(self.configs, round_):
+                        reply = workers[config.name].command(
+                            op="requests", seconds=plan.overhead_seconds
+                        )
+                        reply["round"] = round_
+                        overhead[config.name].append(reply)
+                self.results["overhead"] = overhead
+                for key, statements, thread_counts in (
+                    ("inprocess", 1, plan.threads),
+                    ("inprocess5", 5, plan.threads5),
+                ):
+                    inprocess: dict[str, dict[str, list[dict[str, Any]]]] = {
+                        str(t): {c.name: [] for c in self.configs} for t in thread_counts
+                    }
+                    for round_ in range(plan.rounds):
+                        for threads in thread_counts:
+                            log(
+                                f"in-process, {statements} statement(s) per request: "
+                                f"round {round_ + 1}/{plan.rounds}, T={threads}"
                             )
-                            result["round"] = round_
-                            inprocess[str(threads)][config.name].append(result)
-                self.results["inprocess"] = inprocess
+                            for config in rotated(self.configs, round_):
+                                result = self.window(
+                                    workers[config.name],
+                                    threads,
+                                    plan.warmup,
+                                    plan.duration,
+                                    statements,
+                                )
+                                result["round"] = round_
+                                inprocess[str(threads)][config.name].append(result)
+                    self.results[key] = inprocess
             finally:
                 for worker in workers.values():
                     worker.close()
@@ -392,6 +427,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", metavar="CONFIG", help="run only these configurations")
     parser.add_argument("--rounds", type=int, help="override the plan's rounds")
     parser.add_argument("--threads", type=int, nargs="+", help="override the plan's T values")
+    parser.add_argument(
+        "--threads5", type=int, nargs="*", help="override the five-statement T values"
+    )
     parser.add_argument("--duration", type=float, help="override the in-process window (s)")
     parser.add_argument(
         "--skip", nargs="+", default=[], choices=["micro", "inprocess", "fairness", "http"]
@@ -403,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
         plan = replace(plan, rounds=args.rounds)
     if args.threads:
         plan = replace(plan, threads=tuple(args.threads))
+    if args.threads5 is not None:
+        plan = replace(plan, threads5=tuple(args.threads5))
     if args.duration:
         plan = replace(plan, duration=args.duration)
     out = args.out or (

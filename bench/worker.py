@@ -4,16 +4,22 @@ Started by the coordinator as ``python -m bench.worker`` with the configuration 
 ``BENCH_CONFIG``; it then answers one JSON command per line on stdin with one JSON
 line on stdout (everything else the process prints goes to stderr):
 
-- ``{"op": "window", "threads": T, "warmup": s, "duration": s}``: the first T of the
-  worker's persistent threads call the WSGI handler back to back, as a threaded WSGI
-  server's threads would (``request_started`` / ``request_finished`` and
-  ``close_old_connections`` run on every request).  The window is the ``duration``
+- ``{"op": "window", "threads": T, "warmup": s, "duration": s, "statements": 1 | 5}``:
+  the first T of the worker's persistent threads call the WSGI handler back to back,
+  as a threaded WSGI server's threads would (``request_started`` /
+  ``request_finished`` and ``close_old_connections`` run on every request), each
+  request running ``statements`` primary-key lookups.  The window is the ``duration``
   seconds after ``warmup``.  A request counts when it completes inside the window; one
   still in flight when the window ends counts in the latency tail with the time it
   had waited so far, so a thread starved by its pool still shows up there.
 - ``{"op": "micro", "seconds": s}``: the cost of one request's connection handling,
-  ``ensure_connection()`` followed by ``close()`` (for the persistent configurations,
-  ``close_if_unusable_or_obsolete()``, which is what their requests run).
+  ``ensure_connection()`` followed by ``close_if_unusable_or_obsolete()`` (what
+  ``close_old_connections`` runs at the end of every request, whatever
+  ``CONN_MAX_AGE`` is).
+- ``{"op": "requests", "seconds": s}``: one thread (the one reading commands) sends
+  one-statement requests through the WSGI handler back to back for ``seconds``; the
+  reply gives wall-clock and thread CPU time per request.  The coordinator interleaves
+  short batches of this across configurations: the per-request overhead micro.
 - ``{"op": "quit"}``.
 """
 
@@ -47,9 +53,10 @@ from django.db import connection, connections  # noqa: E402
 
 perf_counter = time.perf_counter
 ROWS = int(os.environ.get("BENCH_ROWS", "1000"))
-PERSISTENT = CONFIG["database"]["CONN_MAX_AGE"] is None
 
 _local = threading.local()
+#: The view for one and for five statements per request (see bench.app.views).
+PREFIXES = {1: "/item/", 5: "/items/"}
 
 
 def describe(error: BaseException) -> str:
@@ -82,9 +89,10 @@ class Record:
 
 
 class Window:
-    def __init__(self, threads: int, start: float, end: float) -> None:
+    def __init__(self, threads: int, start: float, end: float, statements: int = 1) -> None:
         self.start = start
         self.end = end
+        self.prefix = PREFIXES[statements]
         self.usage: dict[str, float] = {}
         self.records = [Record() for _ in range(threads)]
         self.done = threading.Semaphore(0)
@@ -108,7 +116,8 @@ class Driver:
 
     def _serve(self, index: int, jobs: queue.SimpleQueue[Any]) -> None:
         rng = random.Random(index)
-        paths = [f"/item/{rng.randint(1, ROWS)}/" for _ in range(997)]
+        keys = [rng.randint(1, ROWS) for _ in range(997)]
+        paths = {prefix: [f"{prefix}{key}/" for key in keys] for prefix in PREFIXES.values()}
         position = 0
         while True:
             job, done = jobs.get()
@@ -119,12 +128,13 @@ class Driver:
                     connections.close_all()
                     continue
                 record = job.records[index]
+                mine = paths[job.prefix]
                 while True:
-                    position = (position + 1) % len(paths)
+                    position = (position + 1) % len(mine)
                     started = perf_counter()
                     if started >= job.end:
                         break
-                    error = self.request(paths[position])
+                    error = self.request(mine[position])
                     finished = perf_counter()
                     if finished > job.end:
                         record.censored = job.end - started
@@ -190,16 +200,17 @@ class Driver:
         )
 
     def window(
-        self, threads: int, warmup: float, duration: float, timeout: float
+        self, threads: int, warmup: float, duration: float, timeout: float, statements: int = 1
     ) -> dict[str, Any]:
         self.ensure_threads(threads)
         begin = perf_counter() + 0.01
-        job = Window(threads, begin + warmup, begin + warmup + duration)
+        job = Window(threads, begin + warmup, begin + warmup + duration, statements)
         # A thread can be stuck in its pool's queue up to the pool timeout past the end.
         finished = self.broadcast(threads, job, warmup + duration + timeout + 30.0, during=job)
         self.broadcast(threads, "close", 30.0)  # persistent connections: give them back
         result: dict[str, Any] = {
             "threads": threads,
+            "statements": statements,
             "duration": duration,
             "finished": finished,
             "per_thread_ok": [r.ok for r in job.records],
@@ -266,8 +277,9 @@ def pool_stats() -> dict[str, Any] | None:
 
 
 def micro(seconds: float) -> dict[str, Any]:
-    """Seconds per ensure_connection() + close() on this thread's connection."""
-    end_request = connection.close_if_unusable_or_obsolete if PERSISTENT else connection.close
+    """Seconds per ensure_connection() + close_if_unusable_or_obsolete() on this
+    thread's connection: a request's connection handling, without the query."""
+    end_request = connection.close_if_unusable_or_obsolete
     connection.ensure_connection()  # the pool exists and holds a connection
     end_request()
     batch = 20
@@ -286,6 +298,34 @@ def micro(seconds: float) -> dict[str, Any]:
     return {"per_op": elapsed / count, "ops": count}
 
 
+def requests(driver: Driver, seconds: float) -> dict[str, Any]:
+    """Wall-clock and CPU seconds per one-statement request, on this thread alone."""
+    rng = random.Random(12)
+    paths = [f"/item/{rng.randint(1, ROWS)}/" for _ in range(997)]
+    for path in paths[:20]:  # warm: the pool exists, the connection is open
+        driver.request(path)
+    count = 0
+    errors = 0
+    started = perf_counter()
+    cpu_started = time.thread_time()
+    deadline = started + seconds
+    while True:
+        for path in paths[count % 900 : count % 900 + 20]:
+            errors += driver.request(path) is not None
+        count += 20
+        if perf_counter() >= deadline:
+            break
+    elapsed = perf_counter() - started
+    cpu = time.thread_time() - cpu_started
+    connections.close_all()
+    return {
+        "per_request": elapsed / count,
+        "cpu_per_request": cpu / count,
+        "requests": count,
+        "errors": errors,
+    }
+
+
 def main() -> None:
     # The protocol owns stdout; anything printed by the libraries goes to stderr.
     out = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
@@ -300,10 +340,16 @@ def main() -> None:
             break
         if op == "window":
             reply = driver.window(
-                command["threads"], command["warmup"], command["duration"], timeout
+                command["threads"],
+                command["warmup"],
+                command["duration"],
+                timeout,
+                command.get("statements", 1),
             )
         elif op == "micro":
             reply = micro(command["seconds"])
+        elif op == "requests":
+            reply = requests(driver, command["seconds"])
         elif op == "ping":
             reply = {"pid": os.getpid(), "django": django.get_version()}
         else:

@@ -1,5 +1,5 @@
 from django.urls import path
 
-from bench.app.views import item
+from bench.app.views import item, items
 
-urlpatterns = [path("item/<int:pk>/", item)]
+urlpatterns = [path("item/<int:pk>/", item), path("items/<int:pk>/", items)]
