@@ -1,0 +1,155 @@
+"""Session mode without Django's per-request ``connect()``: the wrapper stays open.
+
+Django's ``connect()`` does work that belongs to a *session*, not to a request:
+turning settings into libpq parameters, checking settings, the session set-up
+(time zone, ``assume_role``) and ``connection_created``.  With ``CONN_MAX_AGE=0``
+(what :func:`herokupool.config` sets) it would run on every request.  Here the
+wrapper stays logically open across requests, as with ``CONN_MAX_AGE=None``, while
+the physical connection underneath is lent from the first statement of a request to
+the request's end:
+
+- the first ``connect()`` of a wrapper, and the first after an explicit ``close()``
+  or after its pool was closed (``close_pool()``: test databases, a time zone
+  change), turns the settings into parameters and finds the pool; later ones borrow
+  from that pool and redo only what is per borrow: Django's transaction bookkeeping,
+  autocommit, the isolation level (psycopg2 client-side state the pool resets on
+  release) and the time zone check (a local read of the server-reported
+  ``TimeZone``; ``SET TIME ZONE`` only when the application changed it);
+- ``assume_role`` (``SET ROLE``), Django's version check and ``connection_created``
+  run once per *physical* connection, the first time a wrapper gets it: Django's own
+  meaning of the signal.  With ``RESET`` (which may undo them) they run on every
+  borrow;
+- at the request's end (``close_old_connections()`` ->
+  ``close_if_unusable_or_obsolete()``), where Django would close a connection past
+  its ``CONN_MAX_AGE``, the physical connection goes back to the pool through
+  ``_close()`` and the wrapper stays open; an explicit ``close()`` closes the wrapper
+  too.  Inside ``atomic()`` and with ``CONN_MAX_AGE`` > 0 nothing changes.
+
+``OPTIONS["CONNECT_PER_BORROW"] = True`` restores Django's ``connect()`` on every
+borrow (herokupool 0.1's behaviour).
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from typing import Any
+
+from django.db.backends.signals import connection_created
+
+from herokupool.db.backends.mixin import PooledDatabaseWrapperMixin
+from herokupool.options import parse_bool
+from herokupool.pool import ConnectionPool
+
+__all__ = ["LendingMixin", "connect_per_borrow"]
+
+# Physical connections on which a wrapper ran the per-connection set-up and sent
+# connection_created.  Weak: a connection the pool closes drops out by itself.
+_set_up: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def connect_per_borrow(options: dict[str, Any]) -> bool:
+    """Whether ``OPTIONS`` asks for Django's full ``connect()`` on every borrow."""
+    value = options.get("CONNECT_PER_BORROW", False)
+    return value if isinstance(value, bool) else parse_bool("CONNECT_PER_BORROW", value)
+
+
+class LendingMixin(PooledDatabaseWrapperMixin):
+    """Keep the Django wrapper open; lend the physical connection per request."""
+
+    # The pool this wrapper borrows from while it is open between requests, else None.
+    _herokupool_kept: ConnectionPool | None = None
+
+    # Not async_unsafe itself: Django reaches connect() through ensure_connection(),
+    # which is, and the full path goes through get_new_connection(), which is too.
+    def connect(self) -> None:
+        pool = self._herokupool_kept
+        reopening = pool is None or pool.closed
+        if reopening and (not self._pooled or connect_per_borrow(self.settings_dict["OPTIONS"])):
+            self._herokupool_kept = None
+            super().connect()
+            return
+        settings = self.settings_dict
+        # What Django's connect() resets, in its order (BaseDatabaseWrapper.connect).
+        self.in_atomic_block = False
+        self.savepoint_ids = []
+        self.atomic_blocks = []
+        self.needs_rollback = False
+        self.health_check_enabled = settings["CONN_HEALTH_CHECKS"]
+        max_age = settings["CONN_MAX_AGE"]
+        self.close_at = None if max_age is None else time.monotonic() + max_age
+        self.closed_in_transaction = False
+        self.errors_occurred = False
+        self.health_check_done = True
+        level = settings["OPTIONS"].get("isolation_level")
+        if reopening:
+            # Django's own steps: check the settings, turn them into parameters, find
+            # (or create) the pool and borrow.
+            self._herokupool_kept = None
+            self.check_settings()
+            conn = self.connection = self.get_new_connection(self.get_connection_params())
+            held = self._herokupool_held
+            assert held, "get_new_connection() borrowed"
+            pool = self._herokupool_kept = held[0]
+        else:
+            assert pool is not None
+            conn = pool.borrow()
+            held = self._herokupool_held
+            assert held is not None, "made by the wrapper's first borrow"
+            held[:] = (pool, conn)
+            self.connection = conn
+            if level is not None:
+                # As get_new_connection(): psycopg2 sends the level with each BEGIN.
+                conn.autocommit = False
+                conn.isolation_level = self.isolation_level
+        if level is None and settings["AUTOCOMMIT"]:
+            # set_autocommit(True) without its checks: the pool lends connections in
+            # autocommit, and the atomic state was reset above.
+            self.autocommit = True
+            if self.run_commit_hooks_on_set_autocommit_on:
+                self.run_and_clear_commit_hooks()
+                self.run_commit_hooks_on_set_autocommit_on = False
+        else:
+            self.set_autocommit(settings["AUTOCOMMIT"])
+        if pool.reset is not None or conn not in _set_up:
+            # A session no wrapper has set up yet, or one RESET may have undone.
+            self.init_connection_state()
+            connection_created.send(sender=self.__class__, connection=self)
+            if pool.reset is None:
+                _set_up.add(conn)
+        else:
+            # Django's time zone set-up again, in case the application changed it: a
+            # local read of the TimeZone the server reports, SET only when it differs.
+            # (get_parameter_status: _configure_timezone()'s conn.info.parameter_status
+            # without allocating a ConnectionInfo per borrow.)
+            name = self.timezone_name
+            if name and conn.get_parameter_status("TimeZone") != name:
+                self._configure_timezone(conn)  # type: ignore[attr-defined]
+                if not self.autocommit:
+                    conn.commit()
+        self.run_on_commit = []
+
+    def close_if_unusable_or_obsolete(self) -> None:
+        if (
+            self.connection is None
+            or self._herokupool_kept is None
+            or self.in_atomic_block
+            or not self._herokupool_held
+        ):
+            super().close_if_unusable_or_obsolete()
+            return
+        self.health_check_done = False
+        if self.autocommit != self.settings_dict["AUTOCOMMIT"]:  # get_autocommit(), connected
+            self.close()  # as Django: don't take chances, the wrapper closes too
+            return
+        # After errors (errors_occurred) Django would run SELECT 1 here; the pool checks
+        # what comes back on release (transaction status, a broken connection) and the
+        # socket again on the next borrow, so that round trip is saved.
+        if self.close_at is not None and time.monotonic() >= self.close_at:
+            # Where Django would close: give the physical connection back, stay open.
+            self.run_on_commit = []
+            self._close()
+
+    def close(self) -> None:
+        self._herokupool_kept = None
+        super().close()
