@@ -89,9 +89,9 @@ class Config:
         elif self.name == "herokupool":
             database["ENGINE"] = "herokupool.db.backends.postgresql"
             options.update({"MAX_CONNS": size, "TIMEOUT": timeout})
-        elif self.name == "herokupool-lending":
-            database["ENGINE"] = "bench.lending"
-            options.update({"MAX_CONNS": size, "TIMEOUT": timeout})
+        elif self.name == "herokupool-connect":
+            database["ENGINE"] = "herokupool.db.backends.postgresql"
+            options.update({"MAX_CONNS": size, "TIMEOUT": timeout, "CONNECT_PER_BORROW": True})
         elif self.name != "no-pool":
             raise ValueError(f"unknown configuration {self.name!r}")
         return {
@@ -156,11 +156,11 @@ CONFIGS: tuple[Config, ...] = (
     ),
     Config("herokupool", "herokupool", "psycopg2", pooled=True),
     Config(
-        "herokupool-lending",
-        "herokupool (lending prototype)",
+        "herokupool-connect",
+        "herokupool, CONNECT_PER_BORROW (0.1's behaviour)",
         "psycopg2",
         pooled=True,
-        note="bench.lending: the wrapper stays open, the physical connection is lent per request",
+        note="Django's full connect() on every borrow, as herokupool 0.1 did",
     ),
 )
 

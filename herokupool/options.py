@@ -103,6 +103,9 @@ class PoolOption:
     default: Any
     parse: Callable[[str, object], Any]
     help: str
+    #: False for a setting of the Django backend, not of the pool: parse_options()
+    #: checks it but returns no keyword argument for it.
+    pool: bool = True
 
     @property
     def keyword(self) -> str:
@@ -142,6 +145,13 @@ OPTIONS: tuple[PoolOption, ...] = (
         _seconds(allow_none=True),
         "seconds a borrow may last before a warning with the borrower's stack",
     ),
+    PoolOption(
+        "CONNECT_PER_BORROW",
+        False,
+        parse_bool,
+        "run Django's full connect() (session set-up, connection_created) on every borrow",
+        pool=False,
+    ),
 )
 
 BY_NAME: Mapping[str, PoolOption] = {option.name: option for option in OPTIONS}
@@ -175,6 +185,9 @@ def parse_options(raw: Mapping[str, Any]) -> dict[str, Any]:
         else option.default
         for option in OPTIONS
     }
+    for option in OPTIONS:
+        if not option.pool:
+            del kwargs[option.keyword]
     if kwargs["min_conns"] > kwargs["max_conns"]:
         raise OptionError(
             "MIN_CONNS",

@@ -2,8 +2,8 @@
 
 from django.db.backends.postgresql import base
 
-from herokupool.db.backends.mixin import PooledDatabaseWrapperMixin
+from herokupool.db.backends.lending import LendingMixin
 
 
-class DatabaseWrapper(PooledDatabaseWrapperMixin, base.DatabaseWrapper):
+class DatabaseWrapper(LendingMixin, base.DatabaseWrapper):
     pass

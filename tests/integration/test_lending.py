@@ -1,0 +1,275 @@
+"""Session mode's lending (herokupool/db/backends/lending.py) against a real PostgreSQL.
+
+The Django wrapper stays open across requests; the physical connection underneath is
+borrowed by the request's first statement and returned by ``close_old_connections()``
+at its end.  ``request()`` below is what a request does to its thread's wrapper.  The
+observables are the server's (backend pids, ``pg_stat_activity.query``: the last
+statement a session ran, which shows whether a borrow sent anything), the pool's
+stats and Django's ``connection_created`` signal.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from django.db import DatabaseError, ProgrammingError, connections, transaction
+from django.db.backends.signals import connection_created
+from psycopg2 import extensions as ext
+
+import herokupool
+from herokupool import registry
+from tests.integration.conftest import MakeWrapper, backend_pid
+
+pytestmark = pytest.mark.integration
+
+
+def request(wrapper: Any, sql: str = "SELECT pg_backend_pid()") -> Any:
+    """One request: its statements, then request_finished's close_old_connections()."""
+    try:
+        with wrapper.cursor() as cursor:
+            cursor.execute(sql)
+            return cursor.fetchone()[0] if cursor.description else None
+    finally:
+        wrapper.close_if_unusable_or_obsolete()
+
+
+def last_query(admin: Any, pid: int) -> str:
+    with admin.cursor() as cursor:
+        cursor.execute("SELECT query FROM pg_stat_activity WHERE pid = %s", [pid])
+        return str(cursor.fetchone()[0])
+
+
+@pytest.fixture
+def created() -> Iterator[list[Any]]:
+    """The wrappers ``connection_created`` was sent for, in order."""
+    seen: list[Any] = []
+
+    def receiver(sender: Any, connection: Any, **kwargs: Any) -> None:
+        seen.append(connection)
+
+    connection_created.connect(receiver, weak=False)
+    yield seen
+    connection_created.disconnect(receiver)
+
+
+def test_the_request_end_returns_the_physical_connection_and_the_wrapper_stays_open(
+    make_wrapper: MakeWrapper, sessions: Callable[[], int]
+) -> None:
+    wrapper = make_wrapper(MAX_CONNS=1)
+    first = request(wrapper)
+    assert wrapper.connection is None, "nothing is held between requests"
+    stats = herokupool.stats()[wrapper.alias]
+    assert (stats["in_use"], stats["idle"]) == (0, 1)
+    seen: list[int] = []
+
+    def other_thread() -> None:
+        seen.append(request(make_wrapper(MAX_CONNS=1)))
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    thread.join()
+    assert seen == [first], "another thread's request got the same server session"
+    assert request(wrapper) == first
+    assert sessions() == 1
+    stats = herokupool.stats()[wrapper.alias]
+    assert (stats["borrows"], stats["releases"], stats["in_use"]) == (3, 3, 0)
+
+
+def test_connection_created_fires_once_per_physical_connection(
+    make_wrapper: MakeWrapper, created: list[Any]
+) -> None:
+    wrapper = make_wrapper(MAX_CONNS=1)
+    for _ in range(5):
+        request(wrapper)
+    assert created == [wrapper], "five requests on one server session: one signal"
+    other = make_wrapper(MAX_CONNS=1)
+    request(other)
+    assert created == [wrapper], "a second wrapper borrowing the same session: no signal"
+
+
+def test_with_reset_or_connect_per_borrow_connection_created_fires_per_borrow(
+    make_wrapper: MakeWrapper, created: list[Any]
+) -> None:
+    reset = make_wrapper(MAX_CONNS=1, RESET="DISCARD ALL")
+    for _ in range(3):
+        request(reset)
+    assert len(created) == 3, "RESET may undo the set-up: it runs on every borrow"
+    created.clear()
+    per_borrow = make_wrapper(name=f"{reset.alias}b", MAX_CONNS=1, CONNECT_PER_BORROW="true")
+    for _ in range(3):
+        request(per_borrow)
+    assert len(created) == 3
+
+
+def test_a_borrow_sends_nothing_unless_the_session_needs_it(
+    make_wrapper: MakeWrapper, admin: Any
+) -> None:
+    wrapper = make_wrapper(MAX_CONNS=1)
+    pid = request(wrapper, "SELECT pg_backend_pid() /* first */")
+    with wrapper.cursor() as cursor:  # the next request's first statement borrows
+        assert last_query(admin, pid).endswith("/* first */"), "no set-up round trip"
+        cursor.execute("SET TIME ZONE 'Asia/Tokyo'")  # the application changes it
+    wrapper.close_if_unusable_or_obsolete()
+    with wrapper.cursor() as cursor:
+        assert "'timezone', 'utc'" in last_query(admin, pid).lower(), "Django's set again"
+        cursor.execute("SHOW TIME ZONE")
+        assert cursor.fetchone()[0] == "UTC"
+    wrapper.close_if_unusable_or_obsolete()
+
+
+def test_assume_role_is_set_once_per_physical_connection(
+    make_wrapper: MakeWrapper, admin: Any, alias: str
+) -> None:
+    role = f"hp_role_{alias}"
+    with admin.cursor() as cursor:
+        cursor.execute(f'CREATE ROLE "{role}"')
+    try:
+        wrapper = make_wrapper(MAX_CONNS=1, assume_role=role)
+        assert request(wrapper, "SELECT current_user") == role
+        pid = request(wrapper, "SELECT pg_backend_pid() /* second */")
+        with wrapper.cursor() as cursor:
+            assert last_query(admin, pid).endswith("/* second */"), "no SET ROLE again"
+            cursor.execute("SELECT current_user")
+            assert cursor.fetchone()[0] == role
+        wrapper.close()
+        registry.close(wrapper.alias)
+    finally:
+        with admin.cursor() as cursor:
+            cursor.execute(f'DROP ROLE IF EXISTS "{role}"')
+
+
+def test_the_isolation_level_and_jsonb_loader_hold_on_every_borrow(
+    make_wrapper: MakeWrapper,
+) -> None:
+    wrapper = make_wrapper(MAX_CONNS=1, isolation_level=ext.ISOLATION_LEVEL_SERIALIZABLE)
+    for _ in range(3):
+        assert wrapper.get_autocommit() is True
+        wrapper.set_autocommit(False)
+        with wrapper.cursor() as cursor:
+            cursor.execute("SHOW transaction_isolation")
+            assert cursor.fetchone()[0] == "serializable"
+            cursor.execute("SELECT '{\"a\": 1}'::jsonb")
+            assert cursor.fetchone()[0] == '{"a": 1}'
+        wrapper.rollback()
+        wrapper.set_autocommit(True)
+        wrapper.close_if_unusable_or_obsolete()
+        assert wrapper.connection is None
+    with wrapper.cursor() as cursor:
+        cursor.execute("SHOW default_transaction_isolation")
+        assert cursor.fetchone()[0] == "read committed", "the session default is untouched"
+    wrapper.close()
+
+
+def test_a_request_that_leaves_autocommit_off_closes_the_wrapper(
+    make_wrapper: MakeWrapper, created: list[Any]
+) -> None:
+    wrapper = make_wrapper(MAX_CONNS=1)
+    request(wrapper)
+    wrapper.set_autocommit(False)
+    with wrapper.cursor() as cursor:
+        cursor.execute("CREATE TEMP TABLE t (x int)")
+    wrapper.close_if_unusable_or_obsolete()  # as Django: don't take chances
+    assert wrapper.connection is None
+    assert wrapper._herokupool_kept is None, "the next connect() starts afresh"
+    assert wrapper.get_autocommit() is True
+    with wrapper.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_tables WHERE tablename = 't'")
+        assert cursor.fetchone()[0] == 0, "the pool rolled the transaction back"
+    wrapper.close()
+
+
+def test_errors_in_a_request_do_not_cost_a_validation_query(make_wrapper: MakeWrapper) -> None:
+    wrapper = make_wrapper(MAX_CONNS=1)
+    first = request(wrapper)
+    with pytest.raises(DatabaseError):
+        request(wrapper, "SELECT no_such_column FROM pg_class")
+    assert wrapper.connection is None
+    assert request(wrapper) == first, "the pool kept the healthy connection"
+    assert herokupool.stats()[wrapper.alias]["validations"] == 0
+
+
+def test_a_connection_killed_during_a_request_is_discarded_and_the_next_is_fresh(
+    make_wrapper: MakeWrapper, admin: Any
+) -> None:
+    wrapper = make_wrapper(MAX_CONNS=1)
+    pid = request(wrapper)
+    with pytest.raises(DatabaseError):
+        request(wrapper, f"SELECT pg_terminate_backend({pid}), pg_sleep(1)")
+    assert request(wrapper) != pid
+    assert herokupool.stats()[wrapper.alias]["in_use"] == 0
+
+
+def test_close_ends_the_wrapper_and_settings_apply_again(
+    make_wrapper: MakeWrapper, app_name: str
+) -> None:
+    wrapper = make_wrapper(MAX_CONNS=1)
+    assert request(wrapper, "SHOW application_name") == app_name
+    wrapper.settings_dict["OPTIONS"]["application_name"] = f"{app_name}-2"
+    assert request(wrapper, "SHOW application_name") == app_name, "open: settings kept"
+    wrapper.close()
+    assert request(wrapper, "SHOW application_name") == f"{app_name}-2"
+    wrapper.close()
+
+
+def test_a_closed_pool_between_requests_is_replaced(make_wrapper: MakeWrapper) -> None:
+    wrapper = make_wrapper(MAX_CONNS=1)
+    first = request(wrapper)
+    wrapper.close_pool()  # what Django does for test databases and time zone changes
+    assert request(wrapper) != first
+    assert herokupool.stats()[wrapper.alias]["connections_created"] == 1
+
+
+def test_close_inside_atomic_still_refuses_to_reconnect_until_the_block_ends(
+    make_wrapper: MakeWrapper,
+) -> None:
+    wrapper = make_wrapper(MAX_CONNS=1)
+    request(wrapper)
+    connections[wrapper.alias] = wrapper  # so transaction.atomic(using=...) finds it
+    try:
+        with transaction.atomic(using=wrapper.alias):
+            with wrapper.cursor() as cursor:
+                cursor.execute("SELECT 1")
+            wrapper.close()  # e.g. close_old_connections() from a signal, mid-block
+            assert wrapper.connection is None
+            with pytest.raises(ProgrammingError, match="atomic block"):
+                request(wrapper, "SELECT 1")
+        assert request(wrapper, "SELECT 2") == 2
+        with transaction.atomic(using=wrapper.alias):
+            request(wrapper, "SELECT 3")  # request_finished inside a block: Django closes
+            with pytest.raises(ProgrammingError, match="atomic block"):
+                request(wrapper, "SELECT 4")
+    finally:
+        del connections[wrapper.alias]
+        wrapper.close()
+    assert herokupool.stats()[wrapper.alias]["in_use"] == 0
+
+
+def test_a_thread_that_dies_between_or_during_requests_leaves_nothing_borrowed(
+    make_wrapper: MakeWrapper, dsn: str, alias: str, app_name: str
+) -> None:
+    from herokupool.db.backends.postgresql.base import DatabaseWrapper
+    from tests.integration.conftest import settings_for
+
+    def between() -> None:
+        request(make_wrapper(MAX_CONNS=1, TIMEOUT=2))
+
+    def during() -> None:
+        # Not through make_wrapper, which keeps its wrappers: this one must be
+        # garbage-collected with its thread's state, holding a connection.
+        wrapper = DatabaseWrapper(
+            settings_for(dsn, MAX_CONNS=1, TIMEOUT=2, application_name=app_name), alias=alias
+        )
+        backend_pid(wrapper)  # a statement, and no request end
+
+    for target in (between, during, between):
+        thread = threading.Thread(target=target)
+        thread.start()
+        thread.join()
+        gc.collect()
+    stats = herokupool.stats()[alias]
+    assert stats["in_use"] == 0
+    assert stats["connections_created"] == 1
