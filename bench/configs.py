@@ -92,6 +92,9 @@ class Config:
         elif self.name == "herokupool-connect":
             database["ENGINE"] = "herokupool.db.backends.postgresql"
             options.update({"MAX_CONNS": size, "TIMEOUT": timeout, "CONNECT_PER_BORROW": True})
+        elif self.name == "herokupool-transaction":
+            database["ENGINE"] = "bench.txmode"
+            options.update({"MAX_CONNS": size, "TIMEOUT": timeout})
         elif self.name != "no-pool":
             raise ValueError(f"unknown configuration {self.name!r}")
         return {
@@ -161,6 +164,13 @@ CONFIGS: tuple[Config, ...] = (
         "psycopg2",
         pooled=True,
         note="Django's full connect() on every borrow, as herokupool 0.1 did",
+    ),
+    Config(
+        "herokupool-transaction",
+        "herokupool, per-statement prototype (not shipped)",
+        "psycopg2",
+        pooled=True,
+        note="bench.txmode: the connection goes back after every autocommit statement",
     ),
 )
 

@@ -203,6 +203,7 @@ class Driver:
         self, threads: int, warmup: float, duration: float, timeout: float, statements: int = 1
     ) -> dict[str, Any]:
         self.ensure_threads(threads)
+        stats_before = pool_stats()
         begin = perf_counter() + 0.01
         job = Window(threads, begin + warmup, begin + warmup + duration, statements)
         # A thread can be stuck in its pool's queue up to the pool timeout past the end.
@@ -226,7 +227,8 @@ class Driver:
         completed = sum(r.ok + sum(r.errors.values()) for r in job.records)
         if completed:
             result["per_request"] = {key: value / completed for key, value in job.usage.items()}
-        result["pool_stats"] = pool_stats()
+        # Counters over the window (warm-up and the closing of connections included).
+        result["pool_stats"] = stats_delta(stats_before, pool_stats())
         return result
 
 
@@ -269,11 +271,23 @@ def summarize(latencies: list[float]) -> dict[str, float | int]:
 
 
 def pool_stats() -> dict[str, Any] | None:
-    if CONFIG["name"] != "herokupool":
+    if not CONFIG["name"].startswith("herokupool"):
         return None
     import herokupool
 
     return herokupool.stats().get("default")
+
+
+def stats_delta(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[str, Any]:
+    """The pool's counters over a window (measures as they were at its end)."""
+    if after is None:
+        return {}
+    before = before or {}
+    counters = ("borrows", "releases", "waits", "wait_time", "timeouts", "validations")
+    return {
+        key: (value - before.get(key, 0)) if key in counters else value
+        for key, value in after.items()
+    }
 
 
 def micro(seconds: float) -> dict[str, Any]:
