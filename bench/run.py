@@ -225,7 +225,7 @@ class Bench:
             log(f"starting {len(self.configs)} workers")
             workers = self.start_workers(self.configs, specs, plan.timeout)
             try:
-                log("micro: Django-level ensure_connection() + close()")
+                log("micro: Django-level ensure_connection() + close_if_unusable_or_obsolete()")
                 django_micro: dict[str, list[float]] = {c.name: [] for c in self.configs}
                 for round_ in range(plan.rounds):
                     for config in rotated(self.configs, round_):
