@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +24,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db.backends.base.base import NO_DB_ALIAS
 from django.db.backends.postgresql.psycopg_any import IsolationLevel, is_psycopg3
 
-from herokupool import registry
+from herokupool import _fork, registry
 from herokupool._redact import SECRET_KEYS
 from herokupool.config import MISSING_ENV_KEY, missing_env_error
 from herokupool.options import POOL_SETTINGS, OptionError, parse_options, split_options
@@ -263,5 +262,4 @@ def _forget_inherited_connections() -> None:
             wrapper.connection = None
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_inherited_connections)
+_fork.in_child(_fork.BACKENDS, "backends", _forget_inherited_connections)
