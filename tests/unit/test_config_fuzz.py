@@ -2,13 +2,16 @@
 
 Whatever the input, config() either returns a DATABASES dict the backend can use or
 raises ImproperlyConfigured naming the variable (or argument) at fault: never another
-exception type, and never a message, repr or args holding the password.
+exception type, and never a message, repr or args holding the password.  A URL it
+accepts has the password in PASSWORD, whole, and nowhere else.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import string
+import threading
 from typing import Any
 from urllib.parse import quote
 
@@ -18,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from herokupool.config import MISSING_ENV_KEY, POOLED_ENGINES, config
-from herokupool.options import OPTIONS, parse_options, split_options
+from herokupool.options import MAX_CONNECTIONS, MAX_SECONDS, OPTIONS, parse_options, split_options
 
 # Every generated password starts with "Zq7"; nothing else generated contains "Z", so a
 # message can only hold the password by leaking it.
@@ -110,6 +113,12 @@ env_values = st.one_of(
             "-1",
             "2.5",
             "1e3",
+            "86400",
+            "86401",
+            "1000",
+            "1001",
+            "2.1e9",
+            "9.2e9",
             "nan",
             "inf",
             "none",
@@ -131,6 +140,7 @@ keyword_values = st.one_of(
     st.none(),
     st.booleans(),
     st.integers(-3, 50),
+    st.integers(),
     st.floats(),
     PLAIN,
     st.lists(st.integers(), max_size=2),
@@ -150,7 +160,11 @@ def clean_environ(patch: pytest.MonkeyPatch) -> None:
             patch.delenv(name)
 
 
-def check_result(databases: dict[str, dict[str, Any]]) -> None:
+DURATIONS = ["timeout", "max_lifetime", "max_idle", "validate_after", "leak_threshold"]
+NAMES = {option.name for option in OPTIONS}
+
+
+def check_result(databases: dict[str, dict[str, Any]], password: str | None = None) -> None:
     assert list(databases) == ["default"]
     database = databases["default"]
     assert isinstance(database["ENGINE"], str)
@@ -161,10 +175,27 @@ def check_result(databases: dict[str, dict[str, Any]]) -> None:
     assert isinstance(options, dict)
     assert "pool" not in options
     assert "prepared_statements" not in options
-    # What the backend will do with the pool settings must succeed.
-    parse_options(split_options(options)[0])
-    if MISSING_ENV_KEY not in database:
-        assert isinstance(database["DISABLE_SERVER_SIDE_CURSORS"], bool)
+    # What the backend will do with the pool settings must succeed...
+    kwargs = parse_options(split_options(options)[0])
+    # ...and stay in bounds: libpq reads connect_timeout (derived from the timeout) into
+    # a C int, and a waiter's deadline must be a valid threading timeout.
+    assert math.ceil(kwargs["timeout"]) <= 2**31 - 1
+    for keyword in DURATIONS:
+        assert kwargs[keyword] is None or 0 < kwargs[keyword] <= MAX_SECONDS
+        assert kwargs[keyword] is None or kwargs[keyword] < threading.TIMEOUT_MAX
+    assert 0 <= kwargs["min_conns"] <= kwargs["max_conns"] <= MAX_CONNECTIONS
+    # No pool setting in another case reaches libpq.
+    assert not any(key.upper() in NAMES for key in options if key not in NAMES)
+    if MISSING_ENV_KEY in database:
+        return
+    assert isinstance(database["DISABLE_SERVER_SIDE_CURSORS"], bool)
+    assert database["NAME"] or "service" in options
+    if password is not None:
+        # Accepted means understood: the password is whole in PASSWORD, no piece of it
+        # in HOST, PORT, NAME or OPTIONS.  (A raw "%" is read as an escape: no way to tell.)
+        assert database["PASSWORD"] == password or "%" in password
+        others = repr({k: v for k, v in database.items() if k != "PASSWORD"})
+        assert MARK not in others
 
 
 def check_error(error: ImproperlyConfigured, password: str, names: set[str]) -> None:
@@ -213,7 +244,7 @@ def test_config_returns_settings_or_names_the_variable(
             names = {"DATABASE_URL", *env, *(f"{keyword} argument" for keyword in kwargs)}
             check_error(error, password, names)
         else:
-            check_result(databases)
+            check_result(databases, password)
 
 
 @settings(max_examples=300, deadline=None)
