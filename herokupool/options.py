@@ -31,8 +31,8 @@ __all__ = [
 #: The longest duration any setting accepts: one day.  A timeout, lifetime or threshold
 #: beyond it is a mistake (the nullable ones turn off with ``none``), and the bound keeps
 #: the arithmetic on them valid: ``connect_timeout``, derived from ``TIMEOUT``, is read by
-#: libpq into a C int, and a waiter's deadline must stay under ``threading.TIMEOUT_MAX``
-#: (about 9.2e9 s, where ``time_t`` overflows).
+#: libpq into a C int (2.1e9 s), and a waiter's timeout must stay under
+#: ``threading.TIMEOUT_MAX`` (9.2e9 s; beyond it a lock wait raises OverflowError).
 MAX_SECONDS = 86400.0
 #: The most connections one process's pool may hold for an alias.  A PostgreSQL server's
 #: ``max_connections`` is usually in the hundreds (Heroku's largest plans allow 500), so a
