@@ -279,7 +279,7 @@ def _parse(
             f"{_capital(source)} has an '@' after its host (its value is not shown: it may hold "
             "a password), which is what an unencoded '/', '?' or '#' in the password leaves; "
             "percent-encode the password (urllib.parse.quote(password, safe='')), and write "
-            "an '@' in the database name as %40."
+            "an '@' in the database name or a query value as %40."
         )
     parsed: dict[str, Any]
     try:
@@ -352,14 +352,15 @@ def _password_split(parts: urllib.parse.SplitResult) -> bool:
     The authority ends at the first of those, so the rest of the password and the real
     host ("...@db:5432") land in the path, the query or the fragment, and the start of
     the password may become the port.  An unencoded "@" there is the trace: a database
-    name with "@" is written %40, a fragment means nothing to a database URL, and a
-    query "@" counts only when there is no database name (a "?" in the password cut the
-    URL before its "/NAME").
+    name with "@" is written %40 and a fragment means nothing to a database URL.  A
+    query "@" counts when there is no database name (a "?" in the password cut the URL
+    before its "/NAME") or no "USER:PASSWORD@" before the host (a "postgres:/" typo puts
+    the password in the path); else it may be a query value's own.
     """
     return (
         "@" in parts.path
         or "@" in parts.fragment
-        or (parts.path in {"", "/"} and "@" in parts.query)
+        or ("@" in parts.query and (parts.path in {"", "/"} or "@" not in parts.netloc))
     )
 
 

@@ -244,6 +244,8 @@ SPLIT = [
     # ... then "?" or "#": HOST "Qx", no NAME.
     ("postgres://app:Zq7@Qx?Jw9@db/app", ["Zq7", "Qx", "Jw9"]),
     ("postgres://app:Zq7@Qx#Jw9@db/app", ["Zq7", "Qx", "Jw9"]),
+    # "postgres:/" (one slash): no authority at all, the password in the path.
+    ("postgres:/app:Zq7?Jw9@db:5432/app", ["Zq7", "Jw9"]),
     # Not a port: the pieces are refused all the same, with the same advice.
     ("postgres://app:Zq7/Jw9@db:5432/app", ["Zq7", "Jw9"]),
     ("postgres://app:Zq7?Jw9@db:5432/app", ["Zq7", "Jw9"]),
@@ -280,6 +282,8 @@ def test_parse_refuses_a_split_password_too() -> None:
         ("postgres://app:pa@ss@db/app", "pa@ss", "app"),
         # An encoded "@" in NAME is deliberate.
         ("postgres://app:pw@db/a%40b", "pw", "a@b"),
+        # After USER:PASSWORD@HOST/NAME an "@" in the query is a value's own.
+        ("postgres://app:pw@db/app?application_name=web@dyno", "pw", "app"),
     ],
 )
 def test_encoded_or_unambiguous_characters_are_accepted(url: str, password: str, name: str) -> None:
