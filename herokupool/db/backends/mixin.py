@@ -26,7 +26,7 @@ from django.db.backends.postgresql.psycopg_any import IsolationLevel, is_psycopg
 
 from herokupool import _fork, registry
 from herokupool._redact import SECRET_KEYS
-from herokupool.config import MISSING_ENV_KEY, missing_env_error
+from herokupool.config import MISSING_ENV_KEY, missing_env_error, with_ssl_hint
 from herokupool.options import POOL_SETTINGS, OptionError, parse_options, split_options
 from herokupool.pool import ConnectionPool
 
@@ -153,7 +153,9 @@ class PooledDatabaseWrapperMixin(_Base):
         params = dict(conn_params)
         # Bound the time a borrower can spend connecting to an unreachable server.
         params.setdefault("connect_timeout", max(2, math.ceil(kwargs["timeout"])))
-        return ConnectionPool(lambda: _open(params), name=self.alias, **kwargs)
+        # with_ssl_hint: a server without SSL says herokupool required it because of DYNO.
+        connect = with_ssl_hint(lambda: _open(params), self.settings_dict)
+        return ConnectionPool(connect, name=self.alias, **kwargs)
 
     def _close(self) -> None:
         pool = self._herokupool_pool
