@@ -44,6 +44,7 @@ import threading
 import time
 import traceback
 import weakref
+from _thread import get_ident
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any, Final
@@ -129,7 +130,7 @@ class _Entry:
             else float("inf")
         )
         self.stack: list[str] | None = None
-        self.holder: threading.Thread | None = None
+        self.holder: int | None = None  # the borrowing thread's ident
         self.poller = _poller(conn)
 
     def readable(self) -> bool:
@@ -308,7 +309,7 @@ class ConnectionPool:
         elif not self._tasks.empty():
             self._run_tasks()
         timeout = self.timeout if timeout is None else timeout
-        started = self._clock()
+        started = None  # read only when the borrow must wait: the fast path reads the clock once
         waiter = None
         with self._lock:
             if self._closed:
@@ -326,10 +327,10 @@ class ConnectionPool:
                 self._waiters.append(waiter)
                 self._counters[WAITS] += 1
         if waiter is not None:
+            started = self._clock()
             got = self._wait(waiter, started, timeout)
-        entry = self._ready(got, started + timeout)
-        entry.borrowed_at = self._clock()
-        entry.holder = threading.current_thread()
+        entry = self._ready(got, started, timeout)
+        entry.holder = get_ident()
         if self.leak_threshold is not None:
             entry.stack = traceback.format_stack()[:-2]
         return entry.conn
@@ -388,10 +389,12 @@ class ConnectionPool:
         held = [e for e in self._in_use.values() if e.holder is not None]
         if held:
             oldest = min(held, key=lambda e: e.borrowed_at)
-            thread = oldest.holder
-            assert thread is not None
-            message += f"; held longest: {now - oldest.borrowed_at:.1f} s by thread {thread.name!r}"
-            if thread.name.startswith(_EXECUTOR_THREAD_PREFIXES):
+            names = {thread.ident: thread.name for thread in threading.enumerate()}
+            name = names.get(oldest.holder)
+            message += f"; held longest: {now - oldest.borrowed_at:.1f} s by " + (
+                f"thread {name!r}" if name is not None else "a thread that has ended"
+            )
+            if name is not None and name.startswith(_EXECUTOR_THREAD_PREFIXES):
                 message += (
                     " (an executor's threads never end, so a connection they do not close "
                     "stays borrowed: call close_old_connections() in them, e.g. around "
@@ -401,7 +404,7 @@ class ConnectionPool:
             message += f"; the last attempt to connect failed: {_first_line(self._last_error)}"
         return message
 
-    def _ready(self, got: _Entry | None, deadline: float) -> _Entry:
+    def _ready(self, got: _Entry | None, started: float | None, timeout: float) -> _Entry:
         """Turn what borrow obtained (a connection, or None for a slot) into a checked
         connection.  A bad one is replaced without losing the borrower's turn: by
         another idle connection, else by a new one in the same slot."""
@@ -410,7 +413,7 @@ class ConnectionPool:
                 return self._open_in_slot()
             entry = got
             try:
-                problem = self._check(entry, deadline)
+                problem = self._check(entry, started, timeout)
             except BaseException:
                 # Interrupted during validation: the session's state is unknown.
                 self._drop(entry, CONNECTIONS_DISCARDED, "interrupted on borrow", borrows=-1)
@@ -439,23 +442,28 @@ class ConnectionPool:
             if closed:
                 raise PoolClosed(f"pool {self.name!r} was closed while lending a connection")
 
-    def _check(self, entry: _Entry, deadline: float) -> str | None:
-        """Why ``entry`` may not be handed out, or None when it is healthy."""
+    def _check(self, entry: _Entry, started: float | None, timeout: float) -> str | None:
+        """Why ``entry`` may not be handed out, or None when it is healthy (then it is
+        marked borrowed now).  A validation query gets what is left of the borrow's
+        ``timeout`` from ``started`` (None: now)."""
         conn = entry.conn
         if conn.closed:
             return "closed"
         now = self._clock()
         if now >= entry.expires_at:
             return "recycled"
+        entry.borrowed_at = now
         # The zero-timeout poll costs no round trip; only a query can tell a FATAL
         # before termination from, say, a NOTIFY, so a readable socket gets one.
-        suspicious = entry.readable()
+        poller = entry.poller
         if not (
-            suspicious
+            poller is None
+            or poller.poll(0)
             or self.test_on_borrow
             or (self.validate_after is not None and now - entry.last_used >= self.validate_after)
         ):
             return None
+        deadline = (now if started is None else started) + timeout
         with self._lock:
             self._counters[VALIDATIONS] += 1
         try:
