@@ -135,6 +135,7 @@ def overhead_summary(results: dict[str, Any]) -> dict[str, dict[str, float]]:
         row = {
             "wall_us": statistics.median(r["per_request"] for r in rounds) * 1e6,
             "cpu_us": statistics.median(r["cpu_per_request"] for r in rounds) * 1e6,
+            "cpu_min_us": min(r["cpu_per_request"] for r in rounds) * 1e6,
         }
         for key, field in (
             ("wall_over_ceiling_us", "per_request"),
@@ -157,15 +158,20 @@ def targets(results: dict[str, Any], subject: str = HEROKUPOOL) -> list[dict[str
     size = results["meta"]["plan"]["size"]
     peers = _pooled(results) - {name for name in _pooled(results) if name.startswith(HEROKUPOOL)}
     micro = results.get("django_micro", {})
-    if subject in micro and NATIVE in micro:
+    if micro.get(subject) and micro.get(NATIVE):
         mine = statistics.median(micro[subject])
         theirs = statistics.median(micro[NATIVE])
+        # Rounds are interleaved: the ratio within each round cancels most of the drift of a
+        # shared machine; the verdict is on the median of those ratios.
+        ratio = statistics.median(
+            a / b for a, b in zip(micro[subject], micro[NATIVE], strict=False)
+        )
         rows.append(
             {
                 "target": "Django-level connect+close at most half of Django's native pool's",
-                "value": f"{mine * 1e6:.1f} us",
-                "reference": f"{theirs * 1e6 / 2:.1f} us (half of {theirs * 1e6:.1f})",
-                "met": mine <= theirs / 2,
+                "value": f"{mine * 1e6:.1f} us ({ratio:.2f}x native, median of per-round ratios)",
+                "reference": f"0.50x ({theirs * 1e6:.1f} us)",
+                "met": ratio <= 0.5,
             }
         )
     for section, label in (("inprocess", ""), ("inprocess5", ", 5 statements")):
@@ -396,8 +402,17 @@ def render(results: dict[str, Any]) -> str:
             "the median of the per-round differences to the ceiling's batch of the same round.",
             "",
         ]
+        floor = overhead.get(CEILING, {}).get("cpu_min_us")
         lines += _table(
-            ["configuration", "us/req", "over ceiling", "CPU us/req", "CPU over ceiling"],
+            [
+                "configuration",
+                "us/req",
+                "over ceiling",
+                "CPU us/req",
+                "CPU over ceiling",
+                "CPU us/req, least round",
+                "least over ceiling's least",
+            ],
             [
                 [
                     labels.get(name, name),
@@ -405,6 +420,8 @@ def render(results: dict[str, Any]) -> str:
                     _plus(row.get("wall_over_ceiling_us")),
                     f"{row['cpu_us']:.1f}",
                     _plus(row.get("cpu_over_ceiling_us")),
+                    f"{row['cpu_min_us']:.1f}",
+                    _plus(None if floor is None else row["cpu_min_us"] - floor),
                 ]
                 for name, row in overhead.items()
             ],

@@ -59,6 +59,7 @@ class Plan:
     contended_seconds: float = 1.0
     django_micro_seconds: float = 0.3
     overhead_rounds: int = 12
+    django_micro_rounds: int | None = None  # None: as many as ``rounds``
     overhead_seconds: float = 0.25
     fairness_threads: int = 32
     fairness_timeout: float = 2.0
@@ -227,7 +228,7 @@ class Bench:
             try:
                 log("micro: Django-level ensure_connection() + close_if_unusable_or_obsolete()")
                 django_micro: dict[str, list[float]] = {c.name: [] for c in self.configs}
-                for round_ in range(plan.rounds):
+                for round_ in range(plan.django_micro_rounds or plan.rounds):
                     for config in rotated(self.configs, round_):
                         reply = workers[config.name].command(
                             op="micro", seconds=plan.django_micro_seconds
@@ -432,6 +433,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--duration", type=float, help="override the in-process window (s)")
     parser.add_argument(
+        "--overhead-rounds", type=int, help="override the per-request overhead micro's rounds"
+    )
+    parser.add_argument(
+        "--micro-rounds", type=int, help="override the Django connect+close micro's rounds"
+    )
+    parser.add_argument(
         "--skip", nargs="+", default=[], choices=["micro", "inprocess", "fairness", "http"]
     )
     args = parser.parse_args(argv)
@@ -443,6 +450,10 @@ def main(argv: list[str] | None = None) -> int:
         plan = replace(plan, threads=tuple(args.threads))
     if args.threads5 is not None:
         plan = replace(plan, threads5=tuple(args.threads5))
+    if args.overhead_rounds:
+        plan = replace(plan, overhead_rounds=args.overhead_rounds)
+    if args.micro_rounds:
+        plan = replace(plan, django_micro_rounds=args.micro_rounds)
     if args.duration:
         plan = replace(plan, duration=args.duration)
     out = args.out or (
