@@ -88,20 +88,11 @@ class LendingMixin(PooledDatabaseWrapperMixin):
             self._herokupool_kept = None
             self.check_settings()
             conn = self.connection = self.get_new_connection(self.get_connection_params())
-            held = self._herokupool_held
-            assert held, "get_new_connection() borrowed"
-            pool = self._herokupool_kept = held[0]
+            pool = self._herokupool_kept = self._herokupool_pool
+            assert pool is not None, "get_new_connection() borrowed"
         else:
             assert pool is not None
-            conn = pool.borrow()
-            held = self._herokupool_held
-            assert held is not None, "made by the wrapper's first borrow"
-            held[:] = (pool, conn)
-            self.connection = conn
-            if level is not None:
-                # As get_new_connection(): psycopg2 sends the level with each BEGIN.
-                conn.autocommit = False
-                conn.isolation_level = self.isolation_level
+            conn = self.connection = self._herokupool_lend(pool, level)
         if level is None and settings["AUTOCOMMIT"]:
             # set_autocommit(True) without its checks: the pool lends connections in
             # autocommit, and the atomic state was reset above.
@@ -134,7 +125,7 @@ class LendingMixin(PooledDatabaseWrapperMixin):
             self.connection is None
             or self._herokupool_kept is None
             or self.in_atomic_block
-            or not self._herokupool_held
+            or self._herokupool_pool is None
         ):
             super().close_if_unusable_or_obsolete()
             return
@@ -153,3 +144,16 @@ class LendingMixin(PooledDatabaseWrapperMixin):
     def close(self) -> None:
         self._herokupool_kept = None
         super().close()
+
+    def _herokupool_lend(self, pool: ConnectionPool, level: object) -> Any:
+        """Borrow from ``pool`` for this wrapper, as get_new_connection() does once it
+        has found the pool and checked the isolation level."""
+        conn = pool.borrow()
+        held = self._herokupool_held
+        assert held is not None, "made by the wrapper's first borrow"
+        held[:] = (pool, conn)
+        if level is not None:
+            # As get_new_connection(): psycopg2 sends the level with each BEGIN.
+            conn.autocommit = False
+            conn.isolation_level = self.isolation_level
+        return conn
