@@ -21,7 +21,6 @@ from __future__ import annotations
 import collections
 import logging
 import math
-import os
 import threading
 import weakref
 from typing import TYPE_CHECKING, Any
@@ -34,9 +33,9 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db.backends.base.base import NO_DB_ALIAS
 from django.db.backends.postgresql.psycopg_any import IsolationLevel, is_psycopg3
 
-from herokupool import registry
+from herokupool import _fork, registry
 from herokupool._redact import SECRET_KEYS
-from herokupool.config import MISSING_ENV_KEY, missing_env_error
+from herokupool.config import MISSING_ENV_KEY, missing_env_error, with_ssl_hint
 from herokupool.options import POOL_SETTINGS, OptionError, parse_options, split_options
 from herokupool.pool import ConnectionPool
 
@@ -201,7 +200,9 @@ class PooledDatabaseWrapperMixin(_Base):
         # user's own values, from OPTIONS or the URL, are already in params and win.
         for key, value in KEEPALIVE_DEFAULTS.items():
             params.setdefault(key, value)
-        return ConnectionPool(lambda: _open(params), name=self.alias, **kwargs)
+        # with_ssl_hint: a server without SSL says herokupool required it because of DYNO.
+        connect = with_ssl_hint(lambda: _open(params), self.settings_dict)
+        return ConnectionPool(connect, name=self.alias, **kwargs)
 
     def create_cursor(self, name: str | None = None) -> Any:
         loan = self._herokupool_loan
@@ -489,5 +490,4 @@ def _forget_inherited_connections() -> None:
             wrapper.connection = None
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_inherited_connections)
+_fork.in_child(_fork.BACKENDS, "backends", _forget_inherited_connections)
