@@ -18,7 +18,6 @@ thread or a garbage collection, possibly while that thread holds the pool's lock
 
 from __future__ import annotations
 
-import collections
 import logging
 import math
 import threading
@@ -140,8 +139,6 @@ class PooledDatabaseWrapperMixin(_Base):
                     f"Invalid transaction isolation level {level} specified. "
                     "Use one of the psycopg.IsolationLevel values."
                 ) from None
-        if _reclaimed:
-            _log_reclaimed()
         pool = self._pool_for(conn_params)
         conn = pool.borrow()
         loan = self._herokupool_loan
@@ -370,8 +367,8 @@ def _reclaim(loan: _Loan) -> None:
     wrapper was collected).
 
     Runs in a dying thread or inside a garbage collection, possibly in a thread that
-    holds the pool's lock: it must not block, take a lock or do I/O, so the connection
-    goes to ``release_later()`` and the warning is logged by the next borrow.
+    holds the pool's lock: it must not block, take a lock, log or do I/O, so the
+    connection goes to ``release_later()``.
     """
     wrapper = loan.wrapper()
     # The count, not allow_thread_sharing: that property takes a lock.
@@ -390,23 +387,7 @@ def _reclaim(loan: _Loan) -> None:
             if cursor is not None:
                 cursor.released = True
         loan.cursors = None
-    _reclaimed.append(pool.name)  # deque.append: atomic, no lock
-    pool.release_later(conn)
-
-
-# Names of the pools given connections back by _reclaim(), logged by the next borrow.
-_reclaimed: collections.deque[str] = collections.deque()
-
-
-def _log_reclaimed() -> None:
-    while True:
-        try:
-            name = _reclaimed.popleft()
-        except IndexError:
-            return
-        logger.warning(
-            "pool %r: took back a connection whose thread ended without closing it", name
-        )
+    pool.release_later(conn)  # the pool's thread releases it, and logs a warning
 
 
 class _ServerSideCursor(psycopg2.extensions.cursor):
