@@ -641,15 +641,16 @@ class ConnectionPool:
                 return
         _close_quietly(conn)
 
-    def release_later(self, conn: Any) -> None:
-        """Have the pool's own thread release ``conn`` soon.
+    def release_later(self, conn: Any, *, cleanup: str | None = None) -> None:
+        """Have the pool's own thread release ``conn`` soon (with ``cleanup``, as
+        :meth:`release`).
 
         For code that must not block or take a lock: a garbage-collector finalizer or a
         weakref callback runs in whichever thread triggered it, possibly one inside
         this pool's lock.  Never raises; a connection this pool does not know is
         ignored when its turn comes.
         """
-        self._tasks.put(conn)
+        self._tasks.put((conn, cleanup))
 
     def discard(self, conn: Any) -> None:
         """Give back a borrowed connection that must not be reused: close it."""
@@ -834,9 +835,9 @@ class ConnectionPool:
         if task is _FILL:
             self._fill()
         elif task is not _STOP:
-            self._release_orphan(task)
+            self._release_orphan(*task)
 
-    def _release_orphan(self, conn: Any) -> None:
+    def _release_orphan(self, conn: Any, cleanup: str | None) -> None:
         if self._in_use.get(id(conn)) is None:
             return  # released meanwhile, or never ours
         logger.warning(
@@ -844,7 +845,7 @@ class ConnectionPool:
             self.name,
         )
         try:
-            self.release(conn)
+            self.release(conn, cleanup=cleanup)
         except Exception:
             logger.exception("pool %r: could not take back a connection", self.name)
 
