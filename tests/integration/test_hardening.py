@@ -617,6 +617,30 @@ def test_a_thread_that_ends_holding_a_connection_gives_it_back_without_gc(
     counters_exact(stats)
 
 
+def test_a_thread_that_ends_mid_iteration_leaves_no_cursor_for_the_next_thread(
+    django_alias: Callable[..., str],
+) -> None:
+    alias = django_alias(MAX_CONNS=1, TIMEOUT=1)
+    kept: list[Any] = []
+
+    def careless() -> None:
+        cursor = connections[alias].chunked_cursor()
+        cursor.execute("SELECT generate_series(1, 10000)")
+        cursor.fetchmany(10)
+        kept.append(cursor)  # abandoned mid-iteration, never closed; the thread ends
+
+    def count_cursors() -> None:
+        kept.append(run(connections[alias], "SELECT count(*) FROM pg_cursors"))
+        connections[alias].close()
+
+    for target in (careless, count_cursors):
+        thread = threading.Thread(target=target)
+        thread.start()
+        thread.join()
+    assert kept[-1] == [(0,)], "the reclaimed connection still had the thread's cursor"
+    counters_exact(herokupool.stats()[alias])
+
+
 def test_a_live_idle_thread_keeps_its_connection(
     django_alias: Callable[..., str],
 ) -> None:

@@ -381,13 +381,15 @@ def _reclaim(loan: _Loan) -> None:
     if wrapper is not None:
         # The wrapper must never use (or close) a connection the pool may lend again.
         wrapper.connection = None
+    cleanup = None
     if loan.cursors is not None:
         for ref in loan.cursors:
             cursor = ref()
             if cursor is not None:
                 cursor.released = True
         loan.cursors = None
-    pool.release_later(conn)  # the pool's thread releases it, and logs a warning
+        cleanup = CLOSE_CURSORS  # a thread ended mid-iteration: its cursor must go too
+    pool.release_later(conn, cleanup=cleanup)  # the pool's thread releases it, with a warning
 
 
 class _ServerSideCursor(psycopg2.extensions.cursor):
