@@ -196,6 +196,8 @@ class PooledDatabaseWrapperMixin(_Base):
         # And the time a dead network path can hold a slot (see KEEPALIVE_DEFAULTS); the
         # user's own values, from OPTIONS or the URL, are already in params and win.
         for key, value in KEEPALIVE_DEFAULTS.items():
+            if key == "tcp_user_timeout" and psycopg2.extensions.libpq_version() < 120000:
+                continue  # libpq < 12 refuses the keyword: every connect would fail
             params.setdefault(key, value)
         # with_ssl_hint: a server without SSL says herokupool required it because of DYNO.
         connect = with_ssl_hint(lambda: _open(params), self.settings_dict)
