@@ -641,6 +641,40 @@ def test_a_thread_that_ends_mid_iteration_leaves_no_cursor_for_the_next_thread(
     counters_exact(herokupool.stats()[alias])
 
 
+def test_a_wrapper_collected_inside_its_pools_lock_does_not_deadlock(
+    dsn: str, alias: str, app_name: str
+) -> None:
+    """Item 4: a finalizer runs in whichever thread triggered the collection, here one that
+    holds the pool's lock; the wrapper's finalizer must not take it."""
+    from herokupool.db.backends.postgresql.base import DatabaseWrapper
+
+    options = {"application_name": app_name, "MAX_CONNS": 1, "TIMEOUT": 1}
+    gc.disable()
+    try:
+        wrapper = DatabaseWrapper(settings_for(dsn, **options), alias=alias)
+        wrapper.ensure_connection()
+        pool = wrapper._herokupool_pool
+        assert pool is not None
+        del wrapper  # in reference cycles: only the cyclic collector frees it
+
+        def collect_inside_the_lock() -> None:
+            with pool._lock:
+                gc.collect()
+
+        thread = threading.Thread(target=collect_inside_the_lock, daemon=True)
+        thread.start()
+        thread.join(5)
+        assert not thread.is_alive(), "deadlocked: the finalizer took the pool's lock"
+    finally:
+        gc.enable()
+    assert wait_until(lambda: pool.stats()["in_use"] == 0, 2), pool.stats()
+    again = DatabaseWrapper(settings_for(dsn, **options), alias=alias)
+    again.ensure_connection()  # MAX_CONNS=1: only possible with the connection back
+    again.close()
+    counters_exact(pool.stats())
+    herokupool.registry.close(alias)
+
+
 def test_a_live_idle_thread_keeps_its_connection(
     django_alias: Callable[..., str],
 ) -> None:
