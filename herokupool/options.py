@@ -66,6 +66,22 @@ def _int(minimum: int) -> Callable[[str, object], int]:
     return parse
 
 
+def _int_or_none(minimum: int) -> Callable[[str, object], int | None]:
+    parse_int = _int(minimum)
+
+    def parse(name: str, value: object) -> int | None:
+        if value is None or (isinstance(value, str) and value.strip().lower() in {"", "none"}):
+            return None
+        try:
+            return parse_int(name, value)
+        except OptionError:
+            raise OptionError(
+                name, value, f"must be a whole number >= {minimum} (or empty / none to disable)."
+            ) from None
+
+    return parse
+
+
 def _seconds(*, allow_none: bool) -> Callable[[str, object], float | None]:
     rule = "must be a number of seconds greater than 0" + (
         " (or empty / none to disable)." if allow_none else "."
@@ -141,6 +157,18 @@ OPTIONS: tuple[PoolOption, ...] = (
         None,
         _seconds(allow_none=True),
         "seconds a borrow may last before a warning with the borrower's stack",
+    ),
+    PoolOption(
+        "MAX_WAITING",
+        None,
+        _int_or_none(0),
+        "borrowers that may queue; one more fails at once with PoolOverloaded",
+    ),
+    PoolOption(
+        "LOG_METRICS",
+        None,
+        _seconds(allow_none=True),
+        "seconds between two l2met metrics lines in the log",
     ),
 )
 

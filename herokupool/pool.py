@@ -40,7 +40,8 @@ from typing import Any, Final
 
 from psycopg2 import extensions as ext
 
-from herokupool.errors import PoolClosed, PoolTimeout
+from herokupool.errors import PoolClosed, PoolOverloaded, PoolTimeout
+from herokupool.metrics import MetricsReporter, WaitWindow
 
 __all__ = ["ConnectionPool"]
 
@@ -60,6 +61,7 @@ RELEASES: Final = "releases"
 WAITS: Final = "waits"
 WAIT_TIME: Final = "wait_time"
 TIMEOUTS: Final = "timeouts"
+SHED: Final = "shed"  # borrows refused at once by max_waiting (PoolOverloaded)
 CONNECTIONS_CREATED: Final = "connections_created"
 CONNECTIONS_FAILED: Final = "connections_failed"
 CONNECTIONS_CLOSED: Final = "connections_closed"
@@ -148,6 +150,8 @@ class ConnectionPool:
         validate_after: float | None = 0.5,
         reset: str | None = None,
         leak_threshold: float | None = None,
+        max_waiting: int | None = None,
+        log_metrics: float | None = None,
         clock: Callable[[], float] = time.monotonic,
         background: bool = True,
     ) -> None:
@@ -160,6 +164,10 @@ class ConnectionPool:
             )
         if timeout <= 0:
             raise ValueError(f"pool {name!r}: timeout ({timeout}) must be greater than 0")
+        if max_waiting is not None and max_waiting < 0:
+            raise ValueError(f"pool {name!r}: max_waiting ({max_waiting}) must be at least 0")
+        if log_metrics is not None and log_metrics <= 0:
+            raise ValueError(f"pool {name!r}: log_metrics ({log_metrics}) must be greater than 0")
         self.name = name
         self.max_conns = max_conns
         self.min_conns = min_conns
@@ -170,6 +178,8 @@ class ConnectionPool:
         self.validate_after = validate_after
         self.reset = reset
         self.leak_threshold = leak_threshold
+        self.max_waiting = max_waiting
+        self.log_metrics = log_metrics
         self._connect = connect
         self._clock = clock
         self._background = background
@@ -194,6 +204,7 @@ class ConnectionPool:
                 RELEASES,
                 WAITS,
                 TIMEOUTS,
+                SHED,
                 CONNECTIONS_CREATED,
                 CONNECTIONS_FAILED,
                 CONNECTIONS_CLOSED,
@@ -208,6 +219,11 @@ class ConnectionPool:
         self._pid = os.getpid()
         self._stop = threading.Event()
         self._maintenance: threading.Thread | None = None
+        # Recent waits and the periodic metrics line / advice (herokupool.metrics).
+        self._window = WaitWindow()
+        self._reporter = MetricsReporter(
+            self.name, log_interval=self.log_metrics, started=self._clock()
+        )
 
     def __repr__(self) -> str:
         with self._lock:
@@ -237,6 +253,7 @@ class ConnectionPool:
         started: float | None = None
         while True:
             waiter = None
+            overloaded = None
             with self._lock:
                 if self._closed:
                     raise PoolClosed(f"pool {self.name!r} is closed")
@@ -248,19 +265,40 @@ class ConnectionPool:
                 elif len(self._in_use) + self._connecting < self.max_conns:
                     self._connecting += 1
                     got = _SLOT
+                elif (
+                    started is None  # a borrower already served in turn is never shed
+                    and self.max_waiting is not None
+                    and len(self._waiters) >= self.max_waiting
+                ):
+                    self._counters[SHED] += 1
+                    overloaded = (
+                        f"pool {self.name!r}: {len(self._waiters)} borrowers already waiting "
+                        f"(max_waiting {self.max_waiting}), so this one was refused at once "
+                        f"({len(self._in_use)} in use, {len(self._idle)} idle, "
+                        f"max {self.max_conns})"
+                    )
                 else:
                     waiter = _Waiter()
                     self._waiters.append(waiter)
+                    queued = len(self._waiters)
                     if started is None:  # count a borrow's wait once, however often it loops
                         self._counters[WAITS] += 1
+            if overloaded is not None:
+                self._window.record_shed(self._clock())
+                raise PoolOverloaded(overloaded)
             if waiter is not None:
                 began = self._clock()
+                self._window.note_waiting(queued, began)
                 if started is None:
                     started = began
                 got = self._wait(waiter, started, began, timeout)
             lent = self._ready(got)
             if lent is not None:
-                lent.borrowed_at = self._clock()
+                now = lent.borrowed_at = self._clock()
+                if started is not None:
+                    self._window.record_wait(now - started, now)
+                # Outside the lock: note_in_use is lock-free (see herokupool.metrics).
+                self._window.note_in_use(len(self._in_use), now)
                 if self.leak_threshold is not None:
                     lent.stack = traceback.format_stack()[:-2]
                 return lent.conn
@@ -277,6 +315,7 @@ class ConnectionPool:
                 # Nobody served us before we took the lock: leave the queue for good.
                 self._waiters.remove(waiter)
                 self._counters[TIMEOUTS] += 1
+                self._window.record_timeout(waited, now)
                 message = (
                     f"pool {self.name!r}: timed out after {waited:.1f} s waiting for a "
                     f"connection ({len(self._in_use)} in use, {len(self._idle)} idle, "
@@ -598,6 +637,7 @@ class ConnectionPool:
             )
         for _ in range(missing):
             self._fill_one()
+        self._reporter.tick(self.stats, self._clock())
 
     def _fill_one(self) -> None:
         """Open one connection towards ``min_conns`` (see ``_connect_in_slot``)."""
@@ -642,6 +682,7 @@ class ConnectionPool:
             for period in (self.max_idle, self.max_lifetime, self.leak_threshold)
             if period is not None
         ]
+        periods.append(self._reporter.interval())
         return min(max(min(periods, default=60.0) / 4, 0.05), 30.0)
 
     def _after_fork_in_child(self) -> None:
@@ -659,7 +700,7 @@ class ConnectionPool:
     def stats(self) -> dict[str, int | float]:
         """A snapshot of the pool's measures and counters (see the module constants)."""
         with self._lock:
-            return {
+            stats: dict[str, int | float] = {
                 POOL_MAX: self.max_conns,
                 POOL_MIN: self.min_conns,
                 IN_USE: len(self._in_use),
@@ -669,6 +710,9 @@ class ConnectionPool:
                 **self._counters,
                 WAIT_TIME: round(self._wait_time, 6),
             }
+        # Outside the pool's lock: the window has its own (see herokupool.metrics).
+        stats.update(self._window.snapshot(self._clock()))
+        return stats
 
 
 _STATUS_NAMES = {
