@@ -37,12 +37,15 @@ from typing import Final
 
 __all__ = [
     "ADVICE_INTERVAL",
+    "PUBLISH_INTERVAL",
     "SLOW_WAIT",
     "WINDOW",
     "MetricsReporter",
     "WaitWindow",
+    "add_publisher",
     "advice",
     "l2met_line",
+    "remove_publisher",
 ]
 
 logger = logging.getLogger("herokupool.metrics")
@@ -61,6 +64,8 @@ ADVICE_SHARE: Final = 0.1
 ADVICE_MIN_BORROWS: Final = 20
 #: Seconds between two advice warnings when ``log_metrics`` is not set.
 ADVICE_INTERVAL: Final = 60.0
+#: Seconds between two calls of the publishers (see :func:`add_publisher`).
+PUBLISH_INTERVAL: Final = 10.0
 
 # Names of the values ``WaitWindow.snapshot()`` adds to ``ConnectionPool.stats()``.
 # Measures over the window (the last WINDOW seconds).
@@ -401,6 +406,26 @@ def _ms(stats: Mapping[str, int | float], key: str) -> str:
     return f"{float(stats.get(key, 0.0)) * 1000.0:.0f} ms"
 
 
+Publisher = Callable[[str, Mapping[str, int | float]], None]
+_publishers: list[Publisher] = []
+
+
+def add_publisher(publish: Publisher) -> None:
+    """Have every pool's maintenance thread call ``publish(pool_name, stats)`` about every
+    :data:`PUBLISH_INTERVAL` seconds (within the maintenance thread's own interval, at most
+    30 s), for exporters that must push figures rather than be asked for them, such as
+    prometheus_client's multiprocess mode.  ``publish`` must not block; an exception it raises
+    is logged.  Adding the same callable twice adds it once."""
+    if publish not in _publishers:
+        _publishers.append(publish)
+
+
+def remove_publisher(publish: Publisher) -> None:
+    """Undo :func:`add_publisher`."""
+    if publish in _publishers:
+        _publishers.remove(publish)
+
+
 class MetricsReporter:
     """Called by the pool's maintenance thread: the l2met line every ``log_interval`` seconds
     (None: never) and at most one advice warning every ``advice_interval`` seconds.
@@ -422,17 +447,27 @@ class MetricsReporter:
         self.advice_interval = advice_interval or log_interval or ADVICE_INTERVAL
         self._next_line = started + log_interval if log_interval is not None else math.inf
         self._next_advice = started
+        self._next_publish = started
         self._previous: dict[str, int | float] | None = None
 
     def interval(self) -> float:
         """The longest the maintenance thread may sleep between two ticks."""
-        return min(self.log_interval or math.inf, self.advice_interval)
+        publish = PUBLISH_INTERVAL if _publishers else math.inf
+        return min(self.log_interval or math.inf, self.advice_interval, publish)
 
     def tick(self, stats: Callable[[], Mapping[str, int | float]], now: float) -> None:
-        """Log what is due at ``now``; ``stats`` is called only when something is."""
-        if now < self._next_line and now < self._next_advice:
+        """Log and publish what is due at ``now``; ``stats`` is called only when something is."""
+        publish = bool(_publishers) and now >= self._next_publish
+        if now < self._next_line and now < self._next_advice and not publish:
             return
         snapshot = stats()
+        if publish:
+            self._next_publish = now + PUBLISH_INTERVAL
+            for publisher in list(_publishers):
+                try:
+                    publisher(self.name, snapshot)
+                except Exception:
+                    logger.exception("pool %r: a metrics publisher failed", self.name)
         if now >= self._next_line:
             logger.info("%s", l2met_line(self.name, snapshot, self._previous))
             self._previous = {key: snapshot[key] for key in L2MET_COUNTS if key in snapshot}

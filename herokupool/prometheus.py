@@ -12,8 +12,15 @@ recorded on the borrow path.  Each series carries the labels ``alias``, ``dyno``
 Heroku, else empty) and ``pid``: a gunicorn worker reports only its own pools, so the series of
 two workers never merge into one.  To see every worker, scrape each one (django-prometheus'
 ``PROMETHEUS_METRICS_EXPORT_PORT_RANGE`` gives each worker its own port) and sum by ``alias``
-in PromQL.  In prometheus_client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``) a
-collector like this one is not read by the scrape; see the README.
+in PromQL.
+
+In prometheus_client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR`` set in every process,
+as django-prometheus documents for gunicorn), a scrape reads only the files every process
+writes, never a collector.  There ``register()`` also adds a :class:`MultiprocessPublisher`:
+each pool's maintenance thread writes its figures into those files about every 10 s, gauges
+per process (``multiprocess_mode="liveall"``: the scrape adds the ``pid`` label; call
+``prometheus_client.multiprocess.mark_process_dead(worker.pid)`` in gunicorn's
+``child_exit`` hook so a dead worker's gauges go) and counters summed over the processes.
 
 No value or label holds a connection parameter: the alias is the only text.
 """
@@ -25,14 +32,14 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Final
 
-from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from herokupool import metrics
 from herokupool import registry as pools
 
-__all__ = ["PoolCollector", "register", "unregister"]
+__all__ = ["MultiprocessPublisher", "PoolCollector", "register", "unregister"]
 
 LABELS: Final = ("alias", "dyno", "pid")
 
@@ -142,24 +149,93 @@ class PoolCollector(Collector):
             yield counter
 
 
+class MultiprocessPublisher:
+    """Writes each pool's figures into prometheus_client's multiprocess files.
+
+    Called by every pool's maintenance thread (see :func:`herokupool.metrics.add_publisher`):
+    gauges are set, counters increased by what the pool counted since the last call (a new
+    pool, after ``close_pool()`` or in a forked child, starts its counters again at zero).
+    """
+
+    LABELS: Final = ("alias", "dyno")
+
+    def __init__(self) -> None:
+        # registry=None: the files are what a multiprocess scrape reads.
+        self._gauges = [
+            (key, Gauge(name, doc, self.LABELS, registry=None, multiprocess_mode="liveall"))
+            for key, name, doc in GAUGES
+        ]
+        self._waits = Gauge(
+            WAIT_QUANTILES,
+            f"Borrow wait percentiles over the last {metrics.WINDOW:g} s (1 = the longest).",
+            (*self.LABELS, "quantile"),
+            registry=None,
+            multiprocess_mode="liveall",
+        )
+        self._counters = [
+            (key, Counter(name, doc, self.LABELS, registry=None)) for key, name, doc in COUNTERS
+        ]
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self._last: dict[tuple[str, str], float] = {}
+
+    def __call__(self, alias: str, stats: Mapping[str, int | float]) -> None:
+        dyno = os.environ.get("DYNO", "")
+        with self._lock:  # two pools' maintenance threads may publish at once
+            if os.getpid() != self._pid:  # a forked child: its pools count from zero
+                self._pid, self._last = os.getpid(), {}
+            for key, gauge in self._gauges:
+                if key in stats:
+                    gauge.labels(alias, dyno).set(stats[key])
+            for quantile, key in QUANTILES:
+                if key in stats:
+                    self._waits.labels(alias, dyno, quantile).set(stats[key])
+            for key, counter in self._counters:
+                if key not in stats:
+                    continue
+                value = float(stats[key])
+                last = self._last.get((alias, key), 0.0)
+                increase = value - last if value >= last else value  # less: a new pool
+                if increase > 0:
+                    counter.labels(alias, dyno).inc(increase)
+                self._last[(alias, key)] = value
+
+
+def multiprocess_mode() -> bool:
+    """Whether prometheus_client runs in multiprocess mode in this process."""
+    return "PROMETHEUS_MULTIPROC_DIR" in os.environ or "prometheus_multiproc_dir" in os.environ
+
+
 _lock = threading.Lock()
 _registered: dict[int, PoolCollector] = {}
+_publisher: MultiprocessPublisher | None = None
 
 
 def register(registry: CollectorRegistry = REGISTRY) -> PoolCollector:
     """Register a :class:`PoolCollector` with ``registry`` (prometheus_client's default one,
-    which django-prometheus' ``/metrics`` serves) once; later calls return the same one."""
+    which django-prometheus' ``/metrics`` serves) once; later calls return the same one.
+
+    In multiprocess mode also start publishing to the multiprocess files (once per process).
+    """
+    global _publisher
     with _lock:
         collector = _registered.get(id(registry))
         if collector is None:
             collector = _registered[id(registry)] = PoolCollector()
             registry.register(collector)
+        if multiprocess_mode() and _publisher is None:
+            _publisher = MultiprocessPublisher()
+            metrics.add_publisher(_publisher)
         return collector
 
 
 def unregister(registry: CollectorRegistry = REGISTRY) -> None:
     """Undo :func:`register` (for tests, or an app that re-configures its registry)."""
+    global _publisher
     with _lock:
         collector = _registered.pop(id(registry), None)
+        if _publisher is not None and not _registered:
+            metrics.remove_publisher(_publisher)
+            _publisher = None
     if collector is not None:
         registry.unregister(collector)

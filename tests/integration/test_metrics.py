@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -199,3 +202,51 @@ def test_no_password_in_any_metric_log_line_or_error(
     for text in texts:
         assert password not in text
         assert quote(password) not in text
+
+
+MULTIPROCESS_WORKER = """
+import os, sys
+import psycopg2
+import herokupool.prometheus
+from herokupool.pool import ConnectionPool
+
+herokupool.prometheus.register()
+
+
+def connect():
+    conn = psycopg2.connect(sys.argv[1])
+    conn.autocommit = True
+    return conn
+
+
+pool = ConnectionPool(connect, name="mp", max_conns=4, background=False)
+held = [pool.borrow() for _ in range(int(sys.argv[2]))]
+pool.run_maintenance()  # what the maintenance thread does: publish to the multiprocess files
+for conn in held:
+    pool.release(conn)
+print(os.getpid())
+"""
+
+
+@pytest.mark.urls(__name__)
+def test_multiprocess_mode_reports_every_worker(
+    dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two processes in prometheus_client's multiprocess mode (as gunicorn workers are); one
+    scrape through django-prometheus sees both: gauges per pid, counters summed."""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "DYNO": "web.1"}
+    pids = {}
+    for borrowed in (1, 3):
+        worker = subprocess.run(
+            [sys.executable, "-c", MULTIPROCESS_WORKER, dsn, str(borrowed)],
+            env=env, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert worker.returncode == 0, worker.stderr
+        pids[borrowed] = worker.stdout.strip()
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    samples = scrape()
+    for borrowed, pid in pids.items():
+        labels = (("alias", "mp"), ("dyno", "web.1"), ("pid", pid))
+        assert samples[("herokupool_connections_in_use", labels)] == borrowed
+        assert samples[("herokupool_connections_max", labels)] == 4
+    assert samples[("herokupool_borrows_total", (("alias", "mp"), ("dyno", "web.1")))] == 4

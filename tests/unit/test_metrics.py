@@ -8,6 +8,7 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Mapping
 
 import pytest
 from django.core.exceptions import ImproperlyConfigured
@@ -16,12 +17,15 @@ import herokupool
 from herokupool.errors import PoolOverloaded, PoolTimeout
 from herokupool.metrics import (
     ADVICE_MIN_BORROWS,
+    PUBLISH_INTERVAL,
     SLOW_WAIT,
     WINDOW,
     MetricsReporter,
     WaitWindow,
+    add_publisher,
     advice,
     l2met_line,
+    remove_publisher,
 )
 from herokupool.options import parse_options
 from herokupool.pool import ConnectionPool
@@ -390,3 +394,40 @@ def test_one_advice_warning_per_interval(caplog: pytest.LogCaptureFixture) -> No
     # window holds slow waits: at t=139 it still holds t=80..99 (20 of 60), at t=199 none.
     assert warned_at == [19, 79, 139]
     assert all("POOL_MAX_CONNS" in r.getMessage() for r in caplog.records)
+
+
+def test_publishers_get_the_stats_from_the_maintenance_tick(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = FakeClock(T0)
+    pool = make_pool(clock=clock, name="pub")
+    seen: list[tuple[str, int]] = []
+
+    def publish(name: str, stats: Mapping[str, int | float]) -> None:
+        seen.append((name, int(stats["borrows"])))
+
+    def broken(name: str, stats: Mapping[str, int | float]) -> None:
+        raise RuntimeError("exporter down")
+
+    add_publisher(publish)
+    add_publisher(publish)  # once is enough
+    add_publisher(broken)
+    try:
+        pool.release(pool.borrow())
+        with caplog.at_level(logging.ERROR, logger="herokupool.metrics"):
+            pool.run_maintenance()
+            clock.advance(PUBLISH_INTERVAL / 2)
+            pool.run_maintenance()
+            pool.release(pool.borrow())
+            clock.advance(PUBLISH_INTERVAL / 2)
+            pool.run_maintenance()
+    finally:
+        remove_publisher(publish)
+        remove_publisher(broken)
+    assert seen == [("pub", 1), ("pub", 2)]
+    assert [r.getMessage() for r in caplog.records] == [
+        "pool 'pub': a metrics publisher failed"
+    ] * 2
+    clock.advance(PUBLISH_INTERVAL)
+    pool.run_maintenance()
+    assert len(seen) == 2, "removed"
