@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv test test-unit test-fresh matrix lint format run bench bench-quick faults clean
+.PHONY: help venv test test-unit test-fresh matrix lint format run bench bench-quick faults clean fleet
 
 help:
 	@echo "make run          the demo app (embedded PostgreSQL unless DATABASE_URL is set)"
@@ -16,6 +16,7 @@ help:
 	@echo "make lint         ruff and mypy (strict)"
 	@echo "make bench        the benchmark against peers; make bench-quick for a short run"
 	@echo "make faults       restarts, killed backends, outage, full server, new password, soak"
+	@echo "make fleet        fleet sizing: 2/8/32 processes vs max_connections 20, direct and via PgBouncer"
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -67,6 +68,14 @@ bench:
 bench-quick:
 	sh bench/venv.sh $(PYTHON)
 	.venv-bench/bin/python -m bench --quick $(BENCH_ARGS)
+
+# Fleet sizing (bench/fleet.py, docs/fleet.md): N = 2, 8, 32 worker processes, each with its own
+# pool, against a private PostgreSQL with max_connections 20, directly and through PgBouncer
+# (transaction mode); about 4 minutes on 2 cores, loopback only. Results in docs/fleet.{md,json,png};
+# FLEET_ARGS=--quick runs N = 2, 4 for 3 s and writes nothing. Uses the benchmark's .venv-bench.
+fleet:
+	sh bench/venv.sh $(PYTHON)
+	.venv-bench/bin/python -m bench.fleet $(FLEET_ARGS)
 
 # The demo as Heroku runs it (demo/run.py): collectstatic, the Procfile's release command,
 # then its web command, and the URL once /healthz answers. Without DATABASE_URL it runs on an
