@@ -36,6 +36,7 @@ import platform
 import random
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,7 +52,9 @@ DOCS = ROOT / "docs"
 #: The plan-like limit and what it leaves the application role.
 MAX_CONNECTIONS = 20
 RESERVED = 3
-APP_LIMIT = MAX_CONNECTIONS - RESERVED
+# PostgreSQL admits a non-superuser while more than RESERVED slots are free, and the harness's
+# sampler holds one slot: the application can hold MAX_CONNECTIONS - RESERVED - 1 = 16.
+APP_LIMIT = MAX_CONNECTIONS - RESERVED - 1
 #: PgBouncer's server connections: under APP_LIMIT, leaving room for a release or one-off dyno.
 BOUNCER_POOL = 15
 #: One process: gunicorn threads and POOL_MAX_CONNS.
@@ -357,23 +360,28 @@ def run(processes: list[int], seconds: float, rounds: int, say: Any) -> dict[str
 
 
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (mode, N): the run with the median requests/s, with the rounds' range."""
+    """Per (mode, N): the median over the rounds of each figure (errors per kind too), the
+    rounds' range of requests/s and p99, and the most server connections any round saw."""
     cells = []
     for mode in MODES:
         for n in sorted({run["processes"] for run in runs}):
-            mine = sorted(
-                (r for r in runs if r["mode"] == mode and r["processes"] == n),
-                key=lambda r: r["rps"],
-            )
+            mine = [r for r in runs if r["mode"] == mode and r["processes"] == n]
             if not mine:
                 continue
-            median = dict(mine[(len(mine) - 1) // 2])
-            median["rps_range"] = [mine[0]["rps"], mine[-1]["rps"]]
+            cell: dict[str, Any] = {"mode": mode, "processes": n, "rounds": len(mine)}
+            cell["pool_max_total"] = mine[0]["pool_max_total"]
+            for key in ("rps", "p50_ms", "p99_ms", "error_share", "pool_wait_p99_ms_worst"):
+                values = [r[key] for r in mine if r.get(key) is not None]
+                cell[key] = statistics.median(values) if values else None
+            kinds = sorted({kind for r in mine for kind in r["errors"]})
+            cell["errors"] = {
+                kind: statistics.median(r["errors"].get(kind, 0) for r in mine) for kind in kinds
+            }
+            cell["rps_range"] = [min(r["rps"] for r in mine), max(r["rps"] for r in mine)]
             p99s = [r["p99_ms"] for r in mine if r["p99_ms"] is not None]
-            median["p99_ms_range"] = [min(p99s), max(p99s)] if p99s else None
-            median["peak_server_connections_max"] = max(r["peak_server_connections"] for r in mine)
-            median["errors_all_rounds"] = sum(sum(r["errors"].values()) for r in mine)
-            cells.append(median)
+            cell["p99_ms_range"] = [min(p99s), max(p99s)] if p99s else None
+            cell["peak_server_connections"] = max(r["peak_server_connections"] for r in mine)
+            cells.append(cell)
     return cells
 
 
@@ -391,16 +399,19 @@ def _line(cell: dict[str, Any]) -> str:
 
 def table(results: dict[str, Any]) -> str:
     header = (
-        "| mode | processes | pools could open | requests/s | p50 ms | p99 ms | errors | "
-        "error share | server connections at peak |"
+        "| mode | processes | pools could open | requests/s (range) | p50 ms | p99 ms (range) | "
+        "errors per run | failed | server connections at peak |"
     )
     lines = [header, "|---|--:|--:|--:|--:|--:|---|--:|--:|"]
     for cell in results["summary"]:
-        errors = ", ".join(f"{v:,} {k}" for k, v in cell["errors"].items()) or "none"
+        errors = ", ".join(f"{v:,.0f} {k}" for k, v in cell["errors"].items() if v) or "none"
+        low, high = cell["rps_range"]
+        p99_low, p99_high = cell["p99_ms_range"] or (None, None)
         lines.append(
             f"| {'PostgreSQL directly' if cell['mode'] == 'direct' else 'PgBouncer (transaction)'} "
-            f"| {cell['processes']} | {cell['pool_max_total']} | {cell['rps']:,.0f} "
-            f"| {_num(cell['p50_ms'])} | {_num(cell['p99_ms'])} | {errors} "
+            f"| {cell['processes']} | {cell['pool_max_total']} "
+            f"| {cell['rps']:,.0f} ({low:,.0f}-{high:,.0f}) | {_num(cell['p50_ms'])} "
+            f"| {_num(cell['p99_ms'])} ({_num(p99_low)}-{_num(p99_high)}) | {errors} "
             f"| {cell['error_share'] * 100:.1f}% | {cell['peak_server_connections']} |"
         )
     return "\n".join(lines) + "\n"
@@ -431,7 +442,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
         axes[2].plot(n, [c["error_share"] * 100 for c in cells], **kwargs)
         axes[3].plot(n, [c["peak_server_connections"] for c in cells], **kwargs)
     axes[3].axhline(meta["app_limit"], color="#6b7280", linestyle="--", linewidth=1)
-    axes[3].text(2, meta["app_limit"] + 0.5, f"limit for the app ({meta['app_limit']})", fontsize=8)
+    axes[3].text(2, meta["app_limit"] - 1.5, f"the app's share ({meta['app_limit']})", fontsize=8)
     titles = (
         "successful requests/s",
         "p99 of borrow + query, ms",
@@ -470,8 +481,9 @@ def write(results: dict[str, Any], out: Path) -> None:
     meta = results["meta"]
     block = (
         f"{START}\nRun of {meta['started']} on {meta['cpus']} CPUs (load average at the end "
-        f"{meta['load_average'][0]:g}), Python {meta['python']}; each row is the median of "
-        f"{meta['rounds']} interleaved runs of {meta['seconds']:g} s:\n\n{table(results)}{END}"
+        f"{meta['load_average'][0]:g}), Python {meta['python']}; each figure is the median of "
+        f"{meta['rounds']} interleaved runs of {meta['seconds']:g} s (the range in brackets), the "
+        f"server connections the most any run saw:\n\n{table(results)}{END}"
     )
     if doc.exists():
         text = doc.read_text(encoding="utf-8")
@@ -505,9 +517,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=Path, help="where to write (default docs/, none with --quick)"
     )
+    parser.add_argument(
+        "--report", type=Path, help="rebuild the table and plot from a fleet.json; run nothing"
+    )
     args = parser.parse_args(argv)
     if args.command == "worker":
         return worker(args)
+    if args.report is not None:
+        results = json.loads(args.report.read_text(encoding="utf-8"))
+        results["summary"] = summarize(results["runs"])
+        sys.stdout.write(table(results))
+        write(results, args.out or args.report.parent)
+        return 0
     processes = (
         [int(n) for n in args.processes.split(",")]
         if args.processes
