@@ -121,7 +121,7 @@ def test_exhaustion_raises_a_django_operational_error_naming_alias_and_numbers(
     assert isinstance(info.value.__cause__, PoolTimeout)
     assert re.fullmatch(
         rf"pool '{late.alias}': timed out after 0\.\d s waiting for a connection "
-        r"\(2 in use, 0 idle, 0 waiting, max 2\)",
+        r"\(2 in use, 0 idle, 0 waiting, max 2\); held longest: 0\.\d s by thread 'MainThread'",
         str(info.value),
     )
 
@@ -228,8 +228,10 @@ def test_connections_killed_while_idle_never_reach_the_application(
     new_pid = backend_pid(fresh)  # no error: the dead one was replaced before lending
     assert new_pid not in old
     stats = herokupool.stats()[fresh.alias]
-    assert stats["connections_lost"] == 1
-    assert stats["idle"] == 0, "the other idle connections were retired at once"
+    # The top one was found dead on borrow; the two below it were swept at once by their
+    # readable sockets, unused, so no later borrow can be handed one.
+    assert stats["connections_lost"] == 3
+    assert stats["idle"] == 0
     fresh.close()
     assert pids_of(admin, app_name) == {new_pid}
 
