@@ -121,7 +121,7 @@ class WaitWindow:
     ``note_in_use`` runs on every borrow, so it takes no lock and does two comparisons and an
     increment; everything else runs after a borrower already waited (or when stats are read)
     and takes the window's own lock, never the pool's.  The window advances in ``window /
-    slots`` steps: a snapshot covers between ``window - step`` and ``window`` seconds.
+    slots`` steps: a snapshot covers the last ``window`` seconds and at most one step more.
     """
 
     def __init__(
@@ -428,7 +428,9 @@ def remove_publisher(publish: Publisher) -> None:
 
 class MetricsReporter:
     """Called by the pool's maintenance thread: the l2met line every ``log_interval`` seconds
-    (None: never) and at most one advice warning every ``advice_interval`` seconds.
+    (None: never) and at most one advice warning every ``advice_interval`` seconds (by default
+    ``log_interval``, but never more often than once a :data:`WINDOW`: the advice describes a
+    whole window, and a shorter interval would repeat it).
 
     ``started`` is when the pool was created (its clock): the first line comes one interval
     later.
@@ -444,7 +446,7 @@ class MetricsReporter:
     ) -> None:
         self.name = name
         self.log_interval = log_interval
-        self.advice_interval = advice_interval or log_interval or ADVICE_INTERVAL
+        self.advice_interval = advice_interval or max(log_interval or ADVICE_INTERVAL, WINDOW)
         self._next_line = started + log_interval if log_interval is not None else math.inf
         self._next_advice = started
         self._next_publish = started
