@@ -112,14 +112,14 @@ def _check_alias(alias: str, database: Mapping[str, Any]) -> list[CheckMessage]:
                 id="herokupool.E004",
             )
         )
-    keywords = {option.keyword: option.name for option in OPTIONS}
     for key in libpq_options:
-        if key in keywords:
+        # Any case but the upper-case name (which split_options took as a pool setting).
+        if isinstance(key, str) and key.upper() in BY_NAME:
             messages.append(
                 Error(
                     f"OPTIONS has {key!r}, which is no libpq parameter: pool settings are "
                     "upper case, and libpq would refuse to connect.",
-                    hint=f"Rename it to {keywords[key]!r}.",
+                    hint=f"Rename it to {key.upper()!r}.",
                     obj=obj,
                     id="herokupool.E005",
                 )

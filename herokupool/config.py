@@ -17,8 +17,8 @@ from __future__ import annotations
 import json
 import os
 import urllib.parse
-from collections.abc import Mapping
-from typing import Any, NoReturn
+from collections.abc import Callable, Mapping
+from typing import Any, NoReturn, TypeVar
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
@@ -34,12 +34,14 @@ __all__ = [
     "POOLED_ENGINES",
     "POSTGIS_ENGINE",
     "POSTGRESQL_ENGINE",
+    "SSL_REQUIRED_KEY",
     "config",
     "is_local_host",
     "is_pooled",
     "missing_env_error",
     "parse",
     "pgbouncer_urls",
+    "with_ssl_hint",
 ]
 
 POSTGRESQL_ENGINE = "herokupool.db.backends.postgresql"
@@ -52,10 +54,17 @@ DEFAULT_ENV = "DATABASE_URL"
 DEFAULT_ENV_PREFIX = "POOL_"
 #: Top-level key of an alias whose URL variable was unset; its value is the variable.
 MISSING_ENV_KEY = "HEROKUPOOL_MISSING_ENV"
+#: Top-level key of an alias to which herokupool added ``sslmode=require`` because
+#: ``DYNO`` is set; its value names where the URL came from (see :func:`with_ssl_hint`).
+SSL_REQUIRED_KEY = "HEROKUPOOL_SSL_REQUIRED"
 
 _POSTGRES_SCHEMES = frozenset({"postgres", "postgresql", "pgsql"})
 _LOCAL_HOSTS = frozenset({"", "localhost", "127.0.0.1", "::1"})
 _URL_SHAPE = "postgres://USER:PASSWORD@HOST:PORT/NAME"
+# libpq's words when sslmode=require meets a server that offers no SSL.
+_NO_SSL = "server does not support SSL, but SSL was required"
+
+_T = TypeVar("_T")
 
 
 def config(
@@ -85,8 +94,8 @@ def config(
     gets herokupool's engine and a marker, and the first connection (and
     ``manage.py check``) raises :func:`missing_env_error`.
 
-    Raises ``ImproperlyConfigured`` for a bad pool setting, an unknown URL scheme or a
-    malformed URL, and ``TypeError`` for an unknown keyword argument.
+    Raises ``ImproperlyConfigured`` for a bad pool setting and for a URL :func:`parse`
+    refuses, and ``TypeError`` for an unknown keyword argument.
     """
     url = os.environ.get(env, "").strip()
     if url:
@@ -104,7 +113,7 @@ def config(
     if not url:
         _parse_pool_settings(settings, secret=None)  # a bad POOL_* fails now, not later
         return {alias: _missing(env, postgis)}
-    return {alias: _parse(url, source, settings, postgis, pgbouncer, ssl_require)}
+    return {alias: _parse(url, source, settings, postgis, pgbouncer, ssl_require, env_prefix)}
 
 
 def parse(
@@ -124,21 +133,24 @@ def parse(
 
     On a pooled alias:
 
-    - URL query parameters are libpq ``OPTIONS``, except upper-case pool settings
-      (``?MAX_CONNS=2``), which keyword arguments override;
+    - URL query parameters are libpq ``OPTIONS``; a pool setting there, in any case
+      (``?max_conns=2``), is an error: libpq would refuse it on every connect;
     - ``CONN_MAX_AGE`` is 0: the pool keeps the connections;
     - ``OPTIONS["sslmode"]`` is set to ``require`` when the URL has no sslmode and
       either ``ssl_require`` is true, or it is ``None``, the process runs on a Heroku
       dyno (``DYNO`` is set) and the host is not local (localhost, 127.*, ::1, a unix
-      socket);
+      socket); the alias then carries ``SSL_REQUIRED_KEY`` so that a server without
+      SSL gets an error saying why (see :func:`with_ssl_hint`);
     - ``pgbouncer=True`` sets ``DISABLE_SERVER_SIDE_CURSORS``.
 
-    Raises ``ImproperlyConfigured`` for a bad pool setting, an unknown scheme or a
-    malformed URL, and ``TypeError`` for an unknown keyword argument.
+    Raises ``ImproperlyConfigured`` for a bad pool setting, an unknown scheme, a
+    malformed URL, a pool setting in the query string, a URL that names no database and
+    a password whose unencoded ``/``, ``?`` or ``#`` split the URL; ``TypeError`` for an
+    unknown keyword argument.
     """
     settings = _keyword_settings(pool_options, "parse")
     source = "the URL passed to herokupool.parse()"
-    return _parse(url, source, settings, postgis, pgbouncer, ssl_require)
+    return _parse(url, source, settings, postgis, pgbouncer, ssl_require, None)
 
 
 def missing_env_error(settings_dict: Mapping[str, Any]) -> ImproperlyConfigured | None:
@@ -158,6 +170,46 @@ def missing_env_error(settings_dict: Mapping[str, Any]) -> ImproperlyConfigured 
 def is_pooled(settings_dict: Mapping[str, Any]) -> bool:
     """Whether a ``DATABASES`` entry uses one of herokupool's engines."""
     return settings_dict.get("ENGINE") in POOLED_ENGINES
+
+
+def with_ssl_hint(connect: Callable[[], _T], settings_dict: Mapping[str, Any]) -> Callable[[], _T]:
+    """Wrap ``connect`` so that a server refusing the SSL herokupool required says why.
+
+    On a dyno :func:`parse` adds ``sslmode=require`` for a remote host, and libpq's
+    error then reads as if the user had asked for SSL.  The backend wraps its connect
+    function with this: when the alias carries ``SSL_REQUIRED_KEY`` and still has that
+    sslmode, libpq's "server does not support SSL" error is raised again, as the same
+    exception type, with a sentence saying that DYNO made herokupool require SSL and how
+    to turn it off.  Other errors, and an sslmode the user chose, pass unchanged.
+    """
+    source = settings_dict.get(SSL_REQUIRED_KEY)
+    options = settings_dict.get("OPTIONS") or {}
+    if not source or options.get("sslmode") != "require":
+        return connect
+
+    def connect_or_explain() -> _T:
+        try:
+            return connect()
+        except Exception as error:
+            text = str(error)
+            if _NO_SSL not in text:
+                raise
+            message = (
+                f"{text.rstrip()}; herokupool required SSL (sslmode=require) because DYNO is "
+                "set and the host is not local: if this server has no SSL, set sslmode in the "
+                f"query string of {source} (?sslmode=prefer or ?sslmode=disable) or pass "
+                "ssl_require=False."
+            )
+            try:
+                # The same type (psycopg2.OperationalError), so Django and the pool treat
+                # it as they would have treated libpq's error.
+                clearer = type(error)(message)
+            except Exception:
+                raise error from None
+            # libpq's message holds no password; the original stays as the cause.
+            raise clearer from error
+
+    return connect_or_explain
 
 
 # A pool setting's raw value and the words naming where it came from (a noun phrase
@@ -206,18 +258,29 @@ def _parse(
     postgis: bool,
     pgbouncer: bool,
     ssl_require: bool | None,
+    env_prefix: str | None,
 ) -> dict[str, Any]:
+    """Settings for ``url``; ``env_prefix`` is None for :func:`parse`, which reads no
+    variable."""
     secret = _password(url)
     try:
-        scheme = urllib.parse.urlsplit(url).scheme
+        parts = urllib.parse.urlsplit(url)
     except ValueError:
         _malformed(source)
+    scheme = parts.scheme
     if scheme in _POSTGRES_SCHEMES:
         engine: str | None = POSTGIS_ENGINE if postgis else POSTGRESQL_ENGINE
     elif scheme == "postgis":
         engine = POSTGIS_ENGINE
     else:
         engine = None
+    if engine is not None and _password_split(parts):
+        _fail(
+            f"{_capital(source)} has an '@' after its host (its value is not shown: it may hold "
+            "a password), which is what an unencoded '/', '?' or '#' in the password leaves; "
+            "percent-encode the password (urllib.parse.quote(password, safe='')), and write "
+            "an '@' in the database name or a query value as %40."
+        )
     parsed: dict[str, Any]
     try:
         if engine is None:
@@ -251,15 +314,54 @@ def _parse(
     # The pgbouncer buildpack appends this Rails setting to the URLs it writes; it is
     # no libpq parameter (psycopg2 prepares nothing), and libpq would refuse it.
     options.pop("prepared_statements", None)
-    from_url: _Settings = {
-        name: (options.pop(name), f"{name} in the query string of {source}")
-        for name in list(options)
-        if name in BY_NAME
-    }
-    options.update(_parse_pool_settings({**from_url, **settings}, secret))
+    for key in options:
+        # Pool settings have one home: the variables (or keyword arguments).  In the URL
+        # libpq would get them (Heroku also rewrites DATABASE_URL when it rotates
+        # credentials, dropping anything added to it).  Any case: "max_conns" is no more
+        # a libpq parameter than "MAX_CONNS".
+        option = BY_NAME.get(key.upper())
+        if option is not None:
+            fix = (
+                f"pass {option.keyword}= to herokupool.parse()"
+                if env_prefix is None
+                else f"set {env_prefix}{option.name}"
+            )
+            _fail(
+                f"{_capital(source)} has the pool setting {key!r} in its query string, where "
+                f"libpq would take it for a connection parameter; {fix} instead."
+            )
+    if not parsed.get("NAME") and "service" not in options:
+        # Django needs NAME (or a pg_service.conf entry) and would say so naming no
+        # variable, on the first query.
+        _fail(
+            f"{_capital(source)} names no database (its value is not shown: it may hold a "
+            f"password); it must look like {_URL_SHAPE}."
+        )
+    options.update(_parse_pool_settings(settings, secret))
     if "sslmode" not in options and _ssl_wanted(ssl_require, parsed.get("HOST", "")):
         options["sslmode"] = "require"
+        if ssl_require is None:
+            parsed[SSL_REQUIRED_KEY] = source
     return parsed
+
+
+def _password_split(parts: urllib.parse.SplitResult) -> bool:
+    """Whether the URL has the shape an unencoded ``/``, ``?`` or ``#`` in its password
+    leaves.
+
+    The authority ends at the first of those, so the rest of the password and the real
+    host ("...@db:5432") land in the path, the query or the fragment, and the start of
+    the password may become the port.  An unencoded "@" there is the trace: a database
+    name with "@" is written %40 and a fragment means nothing to a database URL.  A
+    query "@" counts when there is no database name (a "?" in the password cut the URL
+    before its "/NAME") or no "USER:PASSWORD@" before the host (a "postgres:/" typo puts
+    the password in the path); else it may be a query value's own.
+    """
+    return (
+        "@" in parts.path
+        or "@" in parts.fragment
+        or ("@" in parts.query and (parts.path in {"", "/"} or "@" not in parts.netloc))
+    )
 
 
 def _parse_pool_settings(settings: _Settings, secret: str | None) -> dict[str, Any]:

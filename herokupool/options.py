@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "MAX_CONNECTIONS",
+    "MAX_SECONDS",
     "OPTIONS",
     "POOL_SETTINGS",
     "OptionError",
@@ -24,6 +26,18 @@ __all__ = [
     "parse_options",
     "split_options",
 ]
+
+
+#: The longest duration any setting accepts: one day.  A timeout, lifetime or threshold
+#: beyond it is a mistake (the nullable ones turn off with ``none``), and the bound keeps
+#: the arithmetic on them valid: ``connect_timeout``, derived from ``TIMEOUT``, is read by
+#: libpq into a C int (2.1e9 s), and a waiter's timeout must stay under
+#: ``threading.TIMEOUT_MAX`` (9.2e9 s; beyond it a lock wait raises OverflowError).
+MAX_SECONDS = 86400.0
+#: The most connections one process's pool may hold for an alias.  A PostgreSQL server's
+#: ``max_connections`` is usually in the hundreds (Heroku's largest plans allow 500), so a
+#: larger pool can only be a typo.
+MAX_CONNECTIONS = 1000
 
 
 class OptionError(ValueError):
@@ -49,25 +63,27 @@ def parse_bool(name: str, value: object) -> bool:
     raise OptionError(name, value, "must be a boolean (true/false, 1/0, yes/no, on/off).")
 
 
-def _int(minimum: int) -> Callable[[str, object], int]:
+def _int(minimum: int, maximum: int) -> Callable[[str, object], int]:
+    rule = f"must be a whole number from {minimum} to {maximum}."
+
     def parse(name: str, value: object) -> int:
         if isinstance(value, bool):
-            raise OptionError(name, value, f"must be a whole number >= {minimum}.")
+            raise OptionError(name, value, rule)
         try:
             number = int(value.strip()) if isinstance(value, str) else int(value)  # type: ignore[call-overload]
         except (TypeError, ValueError, OverflowError):
-            raise OptionError(name, value, f"must be a whole number >= {minimum}.") from None
+            raise OptionError(name, value, rule) from None
         if isinstance(value, float) and value != number:
-            raise OptionError(name, value, f"must be a whole number >= {minimum}.")
-        if number < minimum:
-            raise OptionError(name, value, f"must be a whole number >= {minimum}.")
+            raise OptionError(name, value, rule)
+        if not minimum <= number <= maximum:
+            raise OptionError(name, value, rule)
         return number
 
     return parse
 
 
 def _seconds(*, allow_none: bool) -> Callable[[str, object], float | None]:
-    rule = "must be a number of seconds greater than 0" + (
+    rule = f"must be a number of seconds greater than 0 and at most {MAX_SECONDS:.0f} (one day)" + (
         " (or empty / none to disable)." if allow_none else "."
     )
 
@@ -80,9 +96,9 @@ def _seconds(*, allow_none: bool) -> Callable[[str, object], float | None]:
             raise OptionError(name, value, rule)
         try:
             number = float(value.strip()) if isinstance(value, str) else float(value)  # type: ignore[arg-type]
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: float(10**400)
             raise OptionError(name, value, rule) from None
-        if not math.isfinite(number) or number <= 0:
+        if not math.isfinite(number) or not 0 < number <= MAX_SECONDS:
             raise OptionError(name, value, rule)
         return number
 
@@ -117,8 +133,13 @@ class PoolOption:
 
 #: Every pool setting, in documentation order.
 OPTIONS: tuple[PoolOption, ...] = (
-    PoolOption("MAX_CONNS", 4, _int(1), "most server connections this process opens for the alias"),
-    PoolOption("MIN_CONNS", 0, _int(0), "connections kept open while idle"),
+    PoolOption(
+        "MAX_CONNS",
+        4,
+        _int(1, MAX_CONNECTIONS),
+        "most server connections this process opens for the alias",
+    ),
+    PoolOption("MIN_CONNS", 0, _int(0, MAX_CONNECTIONS), "connections kept open while idle"),
     PoolOption(
         "TIMEOUT", 10.0, _seconds(allow_none=False), "seconds a borrower waits for a connection"
     ),

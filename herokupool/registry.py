@@ -9,10 +9,10 @@ registry survives ``fork()`` as it is: only its own lock is replaced.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable, Hashable
 
+from herokupool import _fork
 from herokupool.pool import ConnectionPool
 
 __all__ = ["close", "close_all", "close_pools", "get", "stats"]
@@ -79,5 +79,4 @@ def _after_fork_in_child() -> None:
     _lock = threading.Lock()  # another thread may have held it at fork time
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+_fork.in_child(_fork.REGISTRY, "registry", _after_fork_in_child)

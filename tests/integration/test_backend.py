@@ -122,7 +122,7 @@ def test_exhaustion_raises_a_django_operational_error_naming_alias_and_numbers(
     assert isinstance(info.value.__cause__, PoolTimeout)
     assert re.fullmatch(
         rf"pool '{late.alias}': timed out after 0\.\d s waiting for a connection "
-        r"\(2 in use, 0 idle, 0 waiting, max 2\)",
+        r"\(2 in use, 0 idle, 0 waiting, max 2\); held longest: 0\.\d s by thread 'MainThread'",
         str(info.value),
     )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import select
 import socket
 import threading
 from typing import Any, ClassVar
@@ -33,12 +34,22 @@ class FakeCursor:
         pass
 
     def execute(self, sql: str) -> None:
-        if self.conn.closed or self.conn.server_gone:
-            self.conn.closed = 2
+        conn = self.conn
+        if conn.interrupt is not None:
+            raise conn.interrupt
+        if conn.hang:
+            conn.wait_for_server()
+        if conn.closed or conn.server_gone:
+            conn.closed = 2
             raise psycopg2.OperationalError("server closed the connection unexpectedly")
-        self.conn.executed.append(sql)
-        if not self.conn.autocommit and self.conn.status == ext.TRANSACTION_STATUS_IDLE:
-            self.conn.status = ext.TRANSACTION_STATUS_INTRANS
+        conn.executed.append(sql)
+        command = sql.strip().upper()
+        if command == "BEGIN":
+            conn.status = ext.TRANSACTION_STATUS_INTRANS
+        elif command in ("ROLLBACK", "COMMIT"):
+            conn.status = ext.TRANSACTION_STATUS_IDLE
+        elif not conn.autocommit and conn.status == ext.TRANSACTION_STATUS_IDLE:
+            conn.status = ext.TRANSACTION_STATUS_INTRANS
 
 
 class FakeConnection:
@@ -46,6 +57,9 @@ class FakeConnection:
 
     ``kill()`` closes the "server" end of the socket, as pg_terminate_backend or a
     server restart would: the pool's zero-timeout poll then sees it readable.
+    ``hang = True`` makes every query wait for an answer that never comes, as on a
+    frozen server, until something shuts the client socket down (the pool's deadline).
+    ``interrupt`` is raised by the next query or rollback (a signal handler's exception).
     """
 
     _ids = itertools.count(1)
@@ -62,6 +76,8 @@ class FakeConnection:
         self.executed: list[str] = []
         self.rollbacks = 0
         self.server_gone = False
+        self.hang = False
+        self.interrupt: BaseException | None = None
         self._client, self._server = socket.socketpair()
         FakeConnection.instances.append(self)
 
@@ -80,8 +96,20 @@ class FakeConnection:
     def rollback(self) -> None:
         if self.closed:
             raise psycopg2.InterfaceError("connection already closed")
+        if self.interrupt is not None:
+            raise self.interrupt
+        if self.hang:
+            self.wait_for_server()
+            self.closed = 2
+            raise psycopg2.OperationalError("server closed the connection unexpectedly")
         self.rollbacks += 1
+        if self.autocommit:
+            return  # as psycopg2: in autocommit it sends nothing, whatever the server's state
         self.status = ext.TRANSACTION_STATUS_IDLE
+
+    def wait_for_server(self) -> None:
+        """Block as libpq does on a silent server: until the socket is shut down."""
+        select.select([self._client], [], [])
 
     def set_session(self, **kwargs: Any) -> None:
         self.isolation_level = self.readonly = self.deferrable = None

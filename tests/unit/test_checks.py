@@ -133,17 +133,21 @@ def test_collectstatics_checks_leave_an_unset_url_alone(monkeypatch: pytest.Monk
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"MAX_CONNS": 0}, "OPTIONS['MAX_CONNS'] (0) must be a whole number >= 1."),
-        ({"MAX_CONNS": "abc"}, "OPTIONS['MAX_CONNS'] ('abc') must be a whole number >= 1."),
-        ({"MIN_CONNS": -1}, "OPTIONS['MIN_CONNS'] (-1) must be a whole number >= 0."),
+        ({"MAX_CONNS": 0}, "OPTIONS['MAX_CONNS'] (0) must be a whole number from 1 to 1000."),
+        (
+            {"MAX_CONNS": "abc"},
+            "OPTIONS['MAX_CONNS'] ('abc') must be a whole number from 1 to 1000.",
+        ),
+        ({"MIN_CONNS": -1}, "OPTIONS['MIN_CONNS'] (-1) must be a whole number from 0 to 1000."),
         (
             {"TIMEOUT": 0},
-            "OPTIONS['TIMEOUT'] (0) must be a number of seconds greater than 0.",
+            "OPTIONS['TIMEOUT'] (0) must be a number of seconds greater than 0 and at most "
+            "86400 (one day).",
         ),
         (
             {"MAX_IDLE": -5},
-            "OPTIONS['MAX_IDLE'] (-5) must be a number of seconds greater than 0 "
-            "(or empty / none to disable).",
+            "OPTIONS['MAX_IDLE'] (-5) must be a number of seconds greater than 0 and at most "
+            "86400 (one day) (or empty / none to disable).",
         ),
         (
             {"TEST_ON_BORROW": "sometimes"},

@@ -2,13 +2,16 @@
 
 Whatever the input, config() either returns a DATABASES dict the backend can use or
 raises ImproperlyConfigured naming the variable (or argument) at fault: never another
-exception type, and never a message, repr or args holding the password.
+exception type, and never a message, repr or args holding the password.  A URL it
+accepts has the password in PASSWORD, whole, and nowhere else.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import string
+import threading
 from typing import Any
 from urllib.parse import quote
 
@@ -18,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from herokupool.config import MISSING_ENV_KEY, POOLED_ENGINES, config
-from herokupool.options import OPTIONS, parse_options, split_options
+from herokupool.options import MAX_CONNECTIONS, MAX_SECONDS, OPTIONS, parse_options, split_options
 
 # Every generated password starts with "Zq7"; nothing else generated contains "Z", so a
 # message can only hold the password by leaking it.
@@ -84,17 +87,21 @@ queries = st.lists(st.tuples(query_keys, query_values), max_size=4).map(
 
 
 @st.composite
-def urls(draw: st.DrawFn) -> tuple[str, str]:
-    """(url, password): URL-shaped text, sometimes broken, the password raw or encoded."""
+def urls(draw: st.DrawFn) -> tuple[str, str, bool]:
+    """(url, password, only): URL-shaped text, sometimes broken, the password raw or
+    encoded; ``only`` when the password is the URL's only source of "@" characters."""
     password = draw(passwords)
     encoded = quote(password, safe="") if draw(st.booleans()) else password
     user = draw(st.text(string.ascii_lowercase + string.digits + "_", max_size=8))
     separator = draw(st.one_of(st.just("://"), st.sampled_from([":/", ":", "//", ""])))
+    host, port = draw(hosts), draw(ports)
     url = (
-        f"{draw(schemes)}{separator}{user}:{encoded}@{draw(hosts)}{draw(ports)}"
+        f"{draw(schemes)}{separator}{user}:{encoded}@{host}{port}"
         f"/{draw(PLAIN.map(lambda text: quote(text, safe='/')))}{draw(queries)}"
     )
-    return url, password
+    # An "@" in the host or port ("@abstract", ":@") moves the end of the password on
+    # purpose: URL syntax cannot tell it from an "@" in the password.
+    return url, password, "@" not in host + port
 
 
 env_values = st.one_of(
@@ -110,6 +117,12 @@ env_values = st.one_of(
             "-1",
             "2.5",
             "1e3",
+            "86400",
+            "86401",
+            "1000",
+            "1001",
+            "2.1e9",
+            "9.2e9",
             "nan",
             "inf",
             "none",
@@ -131,6 +144,7 @@ keyword_values = st.one_of(
     st.none(),
     st.booleans(),
     st.integers(-3, 50),
+    st.integers(),
     st.floats(),
     PLAIN,
     st.lists(st.integers(), max_size=2),
@@ -150,7 +164,11 @@ def clean_environ(patch: pytest.MonkeyPatch) -> None:
             patch.delenv(name)
 
 
-def check_result(databases: dict[str, dict[str, Any]]) -> None:
+DURATIONS = ["timeout", "max_lifetime", "max_idle", "validate_after", "leak_threshold"]
+NAMES = {option.name for option in OPTIONS}
+
+
+def check_result(databases: dict[str, dict[str, Any]], password: str | None = None) -> None:
     assert list(databases) == ["default"]
     database = databases["default"]
     assert isinstance(database["ENGINE"], str)
@@ -161,10 +179,27 @@ def check_result(databases: dict[str, dict[str, Any]]) -> None:
     assert isinstance(options, dict)
     assert "pool" not in options
     assert "prepared_statements" not in options
-    # What the backend will do with the pool settings must succeed.
-    parse_options(split_options(options)[0])
-    if MISSING_ENV_KEY not in database:
-        assert isinstance(database["DISABLE_SERVER_SIDE_CURSORS"], bool)
+    # What the backend will do with the pool settings must succeed...
+    kwargs = parse_options(split_options(options)[0])
+    # ...and stay in bounds: libpq reads connect_timeout (derived from the timeout) into
+    # a C int, and a waiter's deadline must be a valid threading timeout.
+    assert math.ceil(kwargs["timeout"]) <= 2**31 - 1
+    for keyword in DURATIONS:
+        assert kwargs[keyword] is None or 0 < kwargs[keyword] <= MAX_SECONDS
+        assert kwargs[keyword] is None or kwargs[keyword] < threading.TIMEOUT_MAX
+    assert 0 <= kwargs["min_conns"] <= kwargs["max_conns"] <= MAX_CONNECTIONS
+    # No pool setting in another case reaches libpq.
+    assert not any(key.upper() in NAMES for key in options if key not in NAMES)
+    if MISSING_ENV_KEY in database:
+        return
+    assert isinstance(database["DISABLE_SERVER_SIDE_CURSORS"], bool)
+    assert database["NAME"] or "service" in options
+    if password is not None:
+        # Accepted means understood: the password is whole in PASSWORD, no piece of it
+        # in HOST, PORT, NAME or OPTIONS.  (A raw "%" is read as an escape: no way to tell.)
+        assert database["PASSWORD"] == password or "%" in password
+        others = repr({k: v for k, v in database.items() if k != "PASSWORD"})
+        assert MARK not in others
 
 
 def check_error(error: ImproperlyConfigured, password: str, names: set[str]) -> None:
@@ -189,7 +224,7 @@ def check_error(error: ImproperlyConfigured, password: str, names: set[str]) -> 
     pgbouncer_flag=pgbouncer_env,
 )
 def test_config_returns_settings_or_names_the_variable(
-    url: tuple[str, str],
+    url: tuple[str, str, bool],
     env: dict[str, str],
     kwargs: dict[str, Any],
     dyno: bool,
@@ -197,7 +232,7 @@ def test_config_returns_settings_or_names_the_variable(
     pgbouncer: bool | None,
     pgbouncer_flag: str | None,
 ) -> None:
-    value, password = url
+    value, password, only = url
     if pgbouncer_flag is not None:
         env = {**env, "POOL_PGBOUNCER": pgbouncer_flag}
     with pytest.MonkeyPatch.context() as patch:
@@ -213,7 +248,7 @@ def test_config_returns_settings_or_names_the_variable(
             names = {"DATABASE_URL", *env, *(f"{keyword} argument" for keyword in kwargs)}
             check_error(error, password, names)
         else:
-            check_result(databases)
+            check_result(databases, password if only else None)
 
 
 @settings(max_examples=300, deadline=None)

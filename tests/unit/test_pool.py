@@ -86,7 +86,8 @@ def test_timeout_message_names_the_pool_and_the_numbers() -> None:
         pool.borrow()
     assert re.fullmatch(
         r"pool 'replica': timed out after 0\.\d s waiting for a connection "
-        r"\(2 in use, 0 idle, 0 waiting, max 2\)",
+        r"\(2 in use, 0 idle, 0 waiting, max 2\); "
+        r"held longest: 0\.\d s by thread 'MainThread'",
         str(info.value),
     )
     assert info.value.__cause__ is None
@@ -254,24 +255,26 @@ def test_a_busy_or_broken_connection_is_discarded(status: int) -> None:
     assert pool.borrow() is not conn
 
 
-def test_a_connection_closed_while_in_use_counts_as_lost_and_retires_idle_ones() -> None:
+def test_a_connection_lost_while_in_use_costs_itself_and_the_idle_ones_that_died_too() -> None:
     clock = FakeClock()
     driver = FakeDriver()
-    pool = make_pool(driver, max_conns=3, clock=clock)
-    a, b, c = pool.borrow(), pool.borrow(), pool.borrow()
+    pool = make_pool(driver, max_conns=4, clock=clock)
+    a, b, c, d = pool.borrow(), pool.borrow(), pool.borrow(), pool.borrow()
     pool.release(b)
+    pool.release(c)
+    c.kill()  # died with a (a restart): its socket says so
     clock.advance(1)
     a.closed = 2  # the driver noticed the server went away mid-query
     pool.release(a)
     stats = pool.stats()
-    assert stats["connections_lost"] == 1
-    assert b.closed, "an idle connection older than the failure must be retired"
-    assert stats["idle"] == 0
-    # c was in use: it is closed when it comes back, not handed out again.
-    pool.release(c)
-    assert c.closed
-    fresh = pool.borrow()
-    assert fresh not in (a, b, c)
+    assert stats["connections_lost"] == 2
+    assert c.closed, "an idle connection whose socket shows it died is swept"
+    assert not b.closed, "a healthy idle connection is kept: one kill, one reconnect"
+    assert stats["idle"] == 1
+    # d was in use: it comes back healthy and stays.
+    pool.release(d)
+    assert not d.closed
+    assert pool.stats()["idle"] == 2
 
 
 def test_reset_query_runs_on_every_release() -> None:
@@ -416,9 +419,23 @@ def test_a_connection_killed_while_idle_is_replaced_before_lending() -> None:
     assert conn not in (a, b)
     assert not conn.closed
     stats = pool.stats()
-    assert stats["connections_lost"] == 1
-    assert stats["idle"] == 0, "the other idle connection (older than the failure) is retired"
+    assert stats["connections_lost"] == 2, "the other dead idle connection is swept too"
+    assert stats["idle"] == 0
     assert a.closed
+    assert (stats["borrows"], stats["releases"], stats["in_use"]) == (3, 2, 1)
+
+
+def test_one_killed_backend_costs_one_reconnect() -> None:
+    driver = FakeDriver()
+    pool = make_pool(driver, max_conns=3)
+    a, b, c = pool.borrow(), pool.borrow(), pool.borrow()
+    for conn in (a, b, c):
+        pool.release(conn)
+    c.kill()  # the most recently used: lent first
+    assert pool.borrow() is b, "the next idle connection, no new one"
+    assert len(driver.opened) == 3
+    assert not a.closed
+    assert pool.stats()["connections_lost"] == 1
 
 
 def test_a_quiet_socket_costs_no_query_within_the_validation_window() -> None:

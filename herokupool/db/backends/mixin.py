@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -25,9 +24,9 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db.backends.base.base import NO_DB_ALIAS
 from django.db.backends.postgresql.psycopg_any import IsolationLevel, is_psycopg3
 
-from herokupool import registry
+from herokupool import _fork, registry
 from herokupool._redact import SECRET_KEYS
-from herokupool.config import MISSING_ENV_KEY, missing_env_error
+from herokupool.config import MISSING_ENV_KEY, missing_env_error, with_ssl_hint
 from herokupool.options import POOL_SETTINGS, OptionError, parse_options, split_options
 from herokupool.pool import ConnectionPool
 
@@ -154,7 +153,9 @@ class PooledDatabaseWrapperMixin(_Base):
         params = dict(conn_params)
         # Bound the time a borrower can spend connecting to an unreachable server.
         params.setdefault("connect_timeout", max(2, math.ceil(kwargs["timeout"])))
-        return ConnectionPool(lambda: _open(params), name=self.alias, **kwargs)
+        # with_ssl_hint: a server without SSL says herokupool required it because of DYNO.
+        connect = with_ssl_hint(lambda: _open(params), self.settings_dict)
+        return ConnectionPool(connect, name=self.alias, **kwargs)
 
     def _close(self) -> None:
         pool = self._herokupool_pool
@@ -263,5 +264,4 @@ def _forget_inherited_connections() -> None:
             wrapper.connection = None
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_inherited_connections)
+_fork.in_child(_fork.BACKENDS, "backends", _forget_inherited_connections)

@@ -1,0 +1,136 @@
+"""Deadlines for blocking driver calls that cannot take a timeout themselves.
+
+psycopg2's synchronous calls wait in libpq's ``poll()`` with no time limit: a query sent
+to a server that stopped answering (frozen, or behind a network path that went silent
+without a FIN or RST) blocks for as long as the kernel keeps the socket open, which
+with a peer that still ACKs is forever.  ``statement_timeout`` cannot help (the server
+is not running), and TCP keepalives only notice a peer that stopped ACKing.
+
+So the pool arms a deadline around each query it runs itself (validation on borrow,
+rollback and reset on release).  When the deadline passes, a watchdog thread shuts the
+socket down: libpq's wait returns, the call fails with ``OperationalError``, and the
+pool discards the connection.
+
+The watchdog's lock makes cutting and disarming mutually exclusive: after
+:meth:`Deadline.disarm` returns, the socket is either cut already (``disarm`` says so)
+or will never be, so a descriptor is never shut down after its owner moved on.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import socket
+import threading
+import time
+from types import TracebackType
+
+from herokupool import _fork
+
+__all__ = ["Deadline"]
+
+
+class Deadline:
+    """``with Deadline(fd, seconds) as deadline:`` cuts ``fd``'s socket if the block
+    is still running after ``seconds``; ``deadline.expired`` tells afterwards."""
+
+    __slots__ = ("_key", "expired", "fd", "seconds")
+
+    def __init__(self, fd: int, seconds: float) -> None:
+        self.fd = fd
+        self.seconds = seconds
+        self.expired = False
+        self._key: int | None = None
+
+    def __enter__(self) -> Deadline:
+        self._key = _watchdog.arm(self.fd, time.monotonic() + max(self.seconds, 0.0))
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.disarm()
+
+    def disarm(self) -> bool:
+        """Stop watching; True when the socket had already been cut."""
+        if self._key is not None:
+            self.expired = _watchdog.disarm(self._key)
+            self._key = None
+        return self.expired
+
+
+class _Watchdog:
+    """One thread per process, sleeping until the earliest armed deadline."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._heap: list[tuple[float, int]] = []
+        self._armed: dict[int, int] = {}  # key -> fd, while armed and not yet cut
+        self._cut: set[int] = set()  # keys whose socket was cut, until disarmed
+        self._keys = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def arm(self, fd: int, when: float) -> int:
+        with self._cond:
+            key = next(self._keys)
+            self._armed[key] = fd
+            heapq.heappush(self._heap, (when, key))
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="herokupool-deadlines", daemon=True
+                )
+                self._thread.start()
+            elif self._heap[0][1] == key:
+                self._cond.notify()  # earlier than what the thread sleeps towards
+            return key
+
+    def disarm(self, key: int) -> bool:
+        with self._cond:
+            self._armed.pop(key, None)
+            if key in self._cut:
+                self._cut.discard(key)
+                return True
+            return False
+
+    def _run(self) -> None:
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                while self._heap and (self._heap[0][1] not in self._armed):
+                    heapq.heappop(self._heap)  # disarmed in time
+                if not self._heap:
+                    self._cond.wait()
+                    continue
+                when, key = self._heap[0]
+                if when > now:
+                    self._cond.wait(when - now)
+                    continue
+                heapq.heappop(self._heap)
+                fd = self._armed.pop(key)
+                # Under the lock: the owner cannot disarm, so cannot close the
+                # connection and have ``fd`` reused, while we cut it.
+                _shutdown(fd)
+                self._cut.add(key)
+
+    def after_fork_in_child(self) -> None:
+        self.__init__()  # type: ignore[misc]  # the thread and the lock are the parent's
+
+
+def _shutdown(fd: int) -> None:
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        sock.detach()  # the descriptor stays the driver's to close
+
+
+_watchdog = _Watchdog()
+_fork.in_child(_fork.DEADLINES, "deadlines", _watchdog.after_fork_in_child)

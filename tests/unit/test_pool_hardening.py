@@ -1,0 +1,429 @@
+"""The pool's promises at the edges, on fake connections: interruptions at every step,
+silent servers, finalizers, a dead connection handed to a waiter, leftover transactions.
+
+After every scenario the counters must add up: ``borrows == releases + in_use``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import random
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg2
+import pytest
+from psycopg2 import extensions as ext
+
+from herokupool.errors import PoolClosed, PoolTimeout
+from herokupool.pool import ConnectionPool, _Waiter
+from tests.unit.fakes import FakeClock, FakeConnection, FakeDriver
+from tests.unit.test_pool import make_pool, wait_until
+
+
+class Interrupted(BaseException):
+    """What a signal handler, gevent.Timeout or KeyboardInterrupt looks like to the pool."""
+
+
+def assert_exact(pool: ConnectionPool) -> dict[str, int | float]:
+    stats = pool.stats()
+    assert stats["borrows"] == stats["releases"] + stats["in_use"], stats
+    assert stats["in_use"] + stats["idle"] + stats["connecting"] <= stats["max"], stats
+    return stats
+
+
+@contextlib.contextmanager
+def alarm(seconds: float) -> Iterator[None]:
+    """Raise ``Interrupted`` from a signal handler in the main thread after ``seconds``."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Interrupted
+
+    previous = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+# ------------------------------------------------------- interruptions lose nothing
+
+
+def test_a_borrower_interrupted_while_queued_leaves_the_line() -> None:
+    pool = make_pool(max_conns=1, timeout=5)
+    held_by_other_thread: list[Any] = []
+    thread = threading.Thread(target=lambda: held_by_other_thread.append(pool.borrow()))
+    thread.start()
+    thread.join()
+    with pytest.raises(Interrupted), alarm(0.05):
+        pool.borrow()
+    assert pool.stats()["waiting"] == 0
+    pool.release(held_by_other_thread[0])
+    stats = assert_exact(pool)
+    assert (stats["in_use"], stats["idle"]) == (0, 1), "the release must not go to the leaver"
+    assert pool.borrow(timeout=0.1) is held_by_other_thread[0]
+
+
+def test_an_interruption_just_after_being_served_hands_the_connection_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The release wins the race, then the interruption lands before the waiter looks.
+    pool = make_pool(max_conns=1, timeout=5)
+    held = pool.borrow()
+    original_wait = _Waiter.wait
+
+    def wait_then_interrupt(self: _Waiter, timeout: float) -> None:
+        original_wait(self, timeout)
+        raise Interrupted
+
+    monkeypatch.setattr(_Waiter, "wait", wait_then_interrupt)
+    errors: list[BaseException] = []
+
+    def borrower() -> None:
+        try:
+            pool.borrow()
+        except BaseException as error:
+            errors.append(error)
+
+    thread = threading.Thread(target=borrower)
+    thread.start()
+    wait_until(lambda: pool.stats()["waiting"] == 1)
+    pool.release(held)
+    thread.join()
+    assert isinstance(errors[0], Interrupted)
+    stats = assert_exact(pool)
+    assert (stats["in_use"], stats["idle"]) == (0, 1)
+
+
+def test_an_interruption_after_being_given_a_slot_frees_the_slot(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    driver = FakeDriver()
+    pool = make_pool(driver, max_conns=1, timeout=5)
+    held = pool.borrow()
+    original_wait = _Waiter.wait
+
+    def wait_then_interrupt(self: _Waiter, timeout: float) -> None:
+        original_wait(self, timeout)
+        raise Interrupted
+
+    monkeypatch.setattr(_Waiter, "wait", wait_then_interrupt)
+    errors: list[BaseException] = []
+
+    def borrower() -> None:
+        try:
+            pool.borrow()
+        except BaseException as error:
+            errors.append(error)
+
+    thread = threading.Thread(target=borrower)
+    thread.start()
+    wait_until(lambda: pool.stats()["waiting"] == 1)
+    pool.discard(held)  # frees the slot: the waiter is told to open a connection in it
+    thread.join()
+    monkeypatch.undo()
+    assert isinstance(errors[0], Interrupted)
+    stats = assert_exact(pool)
+    assert (stats["connecting"], stats["in_use"]) == (0, 0)
+    assert pool.borrow(timeout=0.1) is not None
+
+
+def test_an_interruption_during_validation_discards_the_connection() -> None:
+    driver = FakeDriver()
+    pool = make_pool(driver, test_on_borrow=True)
+    conn = pool.borrow()
+    pool.release(conn)
+    conn.interrupt = Interrupted()
+    with pytest.raises(Interrupted):
+        pool.borrow()
+    assert conn.closed, "its state is unknown: discarded"
+    stats = assert_exact(pool)
+    assert (stats["in_use"], stats["idle"], stats["connections_discarded"]) == (0, 0, 1)
+    assert pool.borrow() is not conn
+
+
+def test_an_interruption_during_the_rollback_on_release_discards_the_connection() -> None:
+    pool = make_pool(max_conns=1)
+    conn = pool.borrow()
+    conn.begin()
+    conn.interrupt = Interrupted()
+    with pytest.raises(Interrupted):
+        pool.release(conn)
+    assert conn.closed
+    stats = assert_exact(pool)
+    assert (stats["in_use"], stats["idle"]) == (0, 0)
+    assert pool.borrow(timeout=0.1) is not conn, "the slot is free again"
+
+
+def test_an_interruption_during_the_reset_on_release_discards_the_connection() -> None:
+    pool = make_pool(max_conns=1, reset="DISCARD ALL")
+    conn = pool.borrow()
+    conn.interrupt = Interrupted()
+    with pytest.raises(Interrupted):
+        pool.release(conn)
+    assert conn.closed
+    assert_exact(pool)
+    assert pool.borrow(timeout=0.1) is not conn
+
+
+def test_an_interruption_while_connecting_frees_the_slot() -> None:
+    driver = FakeDriver()
+    pool = make_pool(driver, max_conns=1)
+    driver.fail_with = Interrupted()
+    with pytest.raises(Interrupted):
+        pool.borrow()
+    driver.fail_with = None
+    assert pool.stats()["connecting"] == 0
+    assert pool.borrow(timeout=0.1) is not None
+    assert pool._last_error is None, "an interruption is not a connection error"
+
+
+def test_interruptions_at_random_steps_keep_the_counters_exact() -> None:
+    driver = FakeDriver()
+    pool = make_pool(driver, max_conns=3, timeout=0.2, test_on_borrow=True)
+    rng = random.Random(1234)
+    lock = threading.Lock()
+
+    def worker(seed: int) -> None:
+        local = random.Random(seed)
+        for _ in range(200):
+            try:
+                conn = pool.borrow(timeout=local.choice([0.0, 0.001, 0.01]))
+            except (PoolTimeout, Interrupted, psycopg2.OperationalError):
+                continue
+            if local.random() < 0.2:
+                conn.begin()
+            if local.random() < 0.1:
+                conn.interrupt = Interrupted()  # lands in the rollback or the next validation
+            with contextlib.suppress(Interrupted):
+                pool.release(conn)
+
+    with lock:
+        seeds = [rng.randrange(1 << 30) for _ in range(6)]
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in seeds]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    stats = assert_exact(pool)
+    assert (stats["in_use"], stats["waiting"], stats["connecting"]) == (0, 0, 0)
+    assert driver.open_count == stats["idle"]
+
+
+# -------------------------------------------------------------- time is bounded
+
+
+def test_validation_on_a_silent_server_is_cut_at_the_borrowers_timeout() -> None:
+    driver = FakeDriver()
+    pool = make_pool(driver, timeout=0.3, test_on_borrow=True)
+    conn = pool.borrow()
+    pool.release(conn)
+    conn.hang = True
+    began = time.monotonic()
+    fresh = pool.borrow()  # the silent one is cut and replaced in the same turn
+    elapsed = time.monotonic() - began
+    assert fresh is not conn
+    assert conn.closed
+    assert elapsed < 5, f"the borrow took {elapsed:.1f} s; the deadline did not cut the query"
+    stats = assert_exact(pool)
+    assert stats["connections_lost"] == 1
+
+
+def test_a_rollback_on_a_silent_server_is_cut_and_the_connection_discarded() -> None:
+    pool = make_pool(max_conns=1, timeout=0.3)
+    conn = pool.borrow()
+    conn.begin()
+    conn.hang = True
+    began = time.monotonic()
+    pool.release(conn)
+    assert time.monotonic() - began < 5
+    assert conn.closed
+    stats = assert_exact(pool)
+    assert (stats["in_use"], stats["idle"]) == (0, 0)
+    assert stats["connections_discarded"] + stats["connections_lost"] == 1
+
+
+# ------------------------------------------------------------ sessions left clean
+
+
+def test_a_raw_begin_in_autocommit_is_rolled_back_on_release() -> None:
+    # psycopg2's rollback() sends nothing in autocommit: the pool must end it itself.
+    pool = make_pool()
+    conn = pool.borrow()
+    with conn.cursor() as cursor:
+        cursor.execute("BEGIN")
+        cursor.execute("INSERT INTO t VALUES (1)")
+    assert conn.get_transaction_status() == ext.TRANSACTION_STATUS_INTRANS
+    pool.release(conn)
+    assert conn.get_transaction_status() == ext.TRANSACTION_STATUS_IDLE
+    assert conn.executed[-1] == "ROLLBACK"
+    assert pool.borrow() is conn
+
+
+def test_cleanup_sql_runs_before_the_connection_is_pooled_again() -> None:
+    pool = make_pool()
+    conn = pool.borrow()
+    pool.release(conn, cleanup="CLOSE ALL")
+    assert conn.executed == ["CLOSE ALL"]
+    again = pool.borrow()
+    pool.release(again)
+    assert conn.executed == ["CLOSE ALL"], "no round trip for a borrower that asked none"
+
+
+def test_a_clean_release_costs_no_round_trip() -> None:
+    pool = make_pool()
+    conn = pool.borrow()
+    pool.release(conn)
+    assert conn.executed == []
+    assert conn.rollbacks == 0
+
+
+# --------------------------------------------- finalizers and the background thread
+
+
+def test_release_later_never_takes_the_lock_and_the_connection_comes_back() -> None:
+    pool = make_pool(max_conns=1)
+    conn = pool.borrow()
+    with pool._lock:  # as a finalizer running in a thread inside the pool's lock
+        pool.release_later(conn)
+    assert pool.stats()["in_use"] == 1, "nothing happened under the lock"
+    assert pool.borrow(timeout=0.1) is conn, "taken back at the next borrow"
+    assert_exact(pool)
+
+
+def test_release_later_is_served_promptly_by_the_background_thread() -> None:
+    pool = make_pool(max_conns=1, background=True)
+    conn = pool.borrow()
+    pool.release_later(conn)
+    wait_until(lambda: pool.stats()["idle"] == 1, timeout=2)
+    assert_exact(pool)
+    pool.close()
+
+
+def test_release_later_of_a_connection_released_meanwhile_is_ignored() -> None:
+    pool = make_pool()
+    conn = pool.borrow()
+    pool.release_later(conn)
+    pool.release(conn)
+    pool.run_maintenance()
+    stats = assert_exact(pool)
+    assert (stats["releases"], stats["idle"]) == (1, 1)
+
+
+def test_min_conns_are_opened_at_creation_and_refilled_promptly() -> None:
+    driver = FakeDriver()
+    pool = make_pool(driver, min_conns=2, max_conns=3, background=True)
+    # The maintenance interval is 30 s for these settings: this must not wait for it.
+    wait_until(lambda: pool.stats()["idle"] == 2, timeout=2)
+    conn = pool.borrow()
+    pool.discard(conn)
+    wait_until(lambda: len(driver.opened) == 3 and pool.stats()["idle"] == 2, timeout=2)
+    pool.close()
+
+
+def test_a_failing_refill_does_not_retry_in_a_loop() -> None:
+    driver = FakeDriver()
+    pool = make_pool(driver, min_conns=1, max_conns=2)
+    driver.fail_with = psycopg2.OperationalError("connection refused")
+    pool.run_maintenance()
+    pool.run_maintenance()
+    assert pool.stats()["connections_failed"] == 2, "one attempt per maintenance run"
+    assert pool._tasks.empty()
+
+
+# ------------------------------------------------------- turns and dead connections
+
+
+def test_a_waiter_handed_a_dead_connection_keeps_its_turn() -> None:
+    driver = FakeDriver()
+    clock = FakeClock()
+    pool = make_pool(driver, max_conns=1, timeout=5, clock=clock)
+    held = pool.borrow()
+    served: list[tuple[str, Any]] = []
+
+    def borrower(name: str) -> None:
+        conn = pool.borrow()
+        served.append((name, conn))
+
+    first = threading.Thread(target=borrower, args=("first",))
+    first.start()
+    wait_until(lambda: pool.stats()["waiting"] == 1)
+    second = threading.Thread(target=borrower, args=("second",))
+    second.start()
+    wait_until(lambda: pool.stats()["waiting"] == 2)
+    held.kill()  # dies on its way back: the first waiter finds it dead
+    pool.release(held)
+    first.join(timeout=5)
+    assert [name for name, _ in served] == ["first"], "the first waiter is served first"
+    assert served[0][1] is not held
+    assert pool.stats()["waiting"] == 1
+    pool.release(served[0][1])
+    second.join(timeout=5)
+    assert [name for name, _ in served] == ["first", "second"]
+    pool.release(served[1][1])
+    assert_exact(pool)
+
+
+def test_an_expired_connection_is_replaced_in_the_same_turn() -> None:
+    driver = FakeDriver()
+    clock = FakeClock()
+    pool = make_pool(driver, max_conns=1, max_lifetime=10, clock=clock)
+    conn = pool.borrow()
+    pool.release(conn)
+    clock.advance(11)
+    fresh = pool.borrow()
+    assert fresh is not conn
+    assert conn.closed
+    stats = assert_exact(pool)
+    assert (stats["borrows"], stats["connections_closed"]) == (2, 1)
+
+
+# --------------------------------------------------------------------- messages
+
+
+def test_the_timeout_message_points_at_an_executor_thread_holding_a_connection() -> None:
+    pool = make_pool(max_conns=1, timeout=0.05)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as executor:
+        executor.submit(pool.borrow).result()  # the thread lives on; nobody releases
+        with pytest.raises(PoolTimeout) as info:
+            pool.borrow()
+    message = str(info.value)
+    assert "held longest:" in message
+    assert "by thread 'ThreadPoolExecutor-" in message
+    assert "close_old_connections()" in message
+
+
+def test_connection_context_manager_releases_however_the_block_ends() -> None:
+    pool = make_pool(max_conns=1)
+    with pool.connection() as conn:
+        assert pool.stats()["in_use"] == 1
+    assert pool.stats()["idle"] == 1
+
+    def fail_inside_a_transaction() -> None:
+        with pool.connection() as again:
+            assert again is conn
+            again.begin()
+            raise ZeroDivisionError
+
+    with pytest.raises(ZeroDivisionError):
+        fail_inside_a_transaction()
+    assert conn.get_transaction_status() == ext.TRANSACTION_STATUS_IDLE
+    assert_exact(pool)
+    pool.close()
+    with pytest.raises(PoolClosed), pool.connection():
+        pass
+
+
+def test_close_releases_what_release_later_was_given() -> None:
+    pool = make_pool()
+    conn = pool.borrow()
+    pool.release_later(conn)
+    pool.close()
+    assert isinstance(conn, FakeConnection)
+    assert conn.closed
