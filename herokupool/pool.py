@@ -477,9 +477,11 @@ class ConnectionPool:
                 with conn.cursor() as cursor:
                     cursor.execute("SELECT 1")
         except Exception as error:
-            if limit.expired:
+            if limit.disarm():
                 return "validation got no answer in time; the connection was cut"
             return f"validation failed: {_first_line(error)}"
+        finally:
+            limit.disarm()  # also when interrupted inside __enter__
         if limit.expired:  # answered, but the socket was cut just after
             return "validation got no answer in time; the connection was cut"
         return None
@@ -707,11 +709,13 @@ class ConnectionPool:
                         with conn.cursor() as cursor:
                             cursor.execute(sql)
         except Exception as error:
-            if conn.closed and not limit.expired:
-                return "lost"
-            if limit.expired:
+            if limit.disarm():
                 return "cleaning it got no answer in time; the connection was cut"
+            if conn.closed:
+                return "lost"
             return f"reset failed: {_first_line(error)}"
+        finally:
+            limit.disarm()  # also when interrupted inside __enter__
         if limit.expired:
             return "cleaning it got no answer in time; the connection was cut"
         if conn.get_transaction_status() != ext.TRANSACTION_STATUS_IDLE:

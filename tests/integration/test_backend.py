@@ -229,8 +229,10 @@ def test_connections_killed_while_idle_never_reach_the_application(
     new_pid = backend_pid(fresh)  # no error: the dead one was replaced before lending
     assert new_pid not in old
     stats = herokupool.stats()[fresh.alias]
-    assert stats["connections_lost"] == 1
-    assert stats["idle"] == 0, "the other idle connections were retired at once"
+    # The top one was found dead on borrow; the two below it were swept at once by their
+    # readable sockets, unused, so no later borrow can be handed one.
+    assert stats["connections_lost"] == 3
+    assert stats["idle"] == 0
     fresh.close()
     assert pids_of(admin, app_name) == {new_pid}
 

@@ -489,8 +489,8 @@ def test_a_pgbouncer_restart_costs_no_request(
             assert cursor.fetchone() == (1,)
         again.close()
         stats = herokupool.stats()[alias]
-        assert stats["connections_lost"] == 1
-        assert stats["connections_discarded"] == 1
+        assert stats["connections_lost"] == 2, "one found on borrow, the other swept"
+        assert stats["connections_discarded"] == 0
     finally:
         registry.close(alias)
         own.stop()
