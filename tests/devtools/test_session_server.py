@@ -48,7 +48,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresCluster
 
 def run_session(tmp_path: Path, **env: str) -> str:
     """Run INNER_TEST in a session of its own with tests/conftest.py's fixtures; return what
-    it reported ("database port")."""
+    it reported ("database port").
+
+    A basetemp of its own: a session using /tmp/pytest-of-<user> resets it to 0700, which would
+    lock the server user (as root) out of this session's data directories below it.
+    """
     (tmp_path / "test_inner.py").write_text(INNER_TEST, encoding="utf-8")
     (tmp_path / "pytest.ini").write_text("[pytest]\nfilterwarnings = error\n", encoding="utf-8")
     report = tmp_path / "report"
@@ -60,7 +64,8 @@ def run_session(tmp_path: Path, **env: str) -> str:
     result = subprocess.run(
         [sys.executable, "-X", "dev", "-m", "pytest", "-p", "tests.conftest", "-p", "no:django",
          "-p", "no:cacheprovider", "-c", str(tmp_path / "pytest.ini"), "--rootdir",
-         str(tmp_path), "-q", str(tmp_path / "test_inner.py")],
+         str(tmp_path), "--basetemp", str(tmp_path / "basetemp"), "-q",
+         str(tmp_path / "test_inner.py")],
         cwd=REPO, env={**base, "PYTHONPATH": str(REPO), "INNER_REPORT": str(report), **env},
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
