@@ -37,7 +37,8 @@ Command line (``make run`` uses the first form)::
     python -m devtools.pgcluster stop --datadir .pgdata
 
 ``run`` hands the URL to CMD in DATABASE_URL and logs it with the password masked; ``start``
-prints ``DATABASE_URL=...`` with the password on stdout, for a script to read.
+prints ``DATABASE_URL=...`` with the password masked and ``PASSWORD_FILE=...`` on stdout: a
+script reads the password from that file (owner-only), so it never reaches a terminal or a log.
 
 This module imports nothing from Django.
 """
@@ -1071,7 +1072,8 @@ def _command_start(args: argparse.Namespace) -> int:
     cluster.init()
     cluster.start()
     cluster.create_database(args.dbname)
-    print(f"DATABASE_URL={cluster.dsn(args.dbname)}", flush=True)
+    print(f"DATABASE_URL={cluster.masked_dsn(args.dbname)}", flush=True)
+    print(f"PASSWORD_FILE={cluster.password_file}", flush=True)
     return 0
 
 

@@ -648,10 +648,20 @@ def test_cli_start_and_stop(tmp_path: Path) -> None:
     with cli("start", "--datadir", str(datadir)) as proc:
         stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr
-    url = stdout.strip().removeprefix("DATABASE_URL=")
+    printed = dict(line.split("=", 1) for line in stdout.splitlines())
+    password = Path(printed["PASSWORD_FILE"]).read_text().strip()
+    assert password
+    assert password not in stdout + stderr, "the password is never printed"
+    url = urlsplit(printed["DATABASE_URL"])
+    cluster = PostgresCluster(datadir, port=url.port)
     try:
-        psycopg2.connect(url).close()
-        cluster = PostgresCluster(datadir)
+        psycopg2.connect(
+            host=url.hostname,
+            port=url.port,
+            user=url.username,
+            password=password,
+            dbname=url.path.lstrip("/"),
+        ).close()
         assert cluster.is_running()
     finally:
         with cli("stop", "--datadir", str(datadir)) as proc:
