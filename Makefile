@@ -78,7 +78,7 @@ bench-quick:
 
 # Fleet sizing (bench/fleet.py, docs/fleet.md): N = 2, 8, 32 worker processes, each with its own
 # pool, against a private PostgreSQL with max_connections 20, directly and through PgBouncer
-# (transaction mode); about 4 minutes on 2 cores, loopback only. Results in docs/fleet.{md,json,png};
+# (transaction mode); about 5 minutes on 2 cores, loopback only. Results in docs/fleet.{md,json,png};
 # FLEET_ARGS=--quick runs N = 2, 4 for 3 s and writes nothing. Uses the benchmark's .venv-bench.
 fleet:
 	sh bench/venv.sh $(PYTHON)

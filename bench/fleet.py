@@ -5,8 +5,9 @@ connection limit, directly and through PgBouncer in transaction mode.
 only:
 
 - a private PostgreSQL with ``max_connections = 20`` (Heroku Postgres Essential-0's limit) and
-  ``superuser_reserved_connections = 3``, so the application role ``app`` gets 17 connections and
-  the harness's own superuser sampler always gets in;
+  ``superuser_reserved_connections = 3``; the harness's superuser sampler holds one slot, so the
+  application role ``app`` can hold 16 connections.  Every role authenticates with the cluster's
+  password (SCRAM-SHA-256), PgBouncer too;
 - for each N in 2, 8, 32: N processes, each a stand-in for a gunicorn worker: THREADS threads
   sharing one ``herokupool.ConnectionPool`` with ``max_conns = MAX_CONNS``; each thread loops
   over "requests": THINK seconds of non-database work (a sleep, jittered), then borrow, a
@@ -45,6 +46,7 @@ import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -260,6 +262,18 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000.0, 2)
 
 
+def _admin_execute(dsn: str, sql: str, params: list[Any]) -> None:
+    import psycopg2
+
+    conn = psycopg2.connect(dsn)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cursor:
+            cursor.execute(sql, params)
+    finally:
+        conn.close()
+
+
 def _settle(admin_dsn: str, timeout: float = 15.0) -> None:
     """Wait until no app session is left from the previous run (direct mode)."""
     import psycopg2
@@ -298,7 +312,11 @@ def run(processes: list[int], seconds: float, rounds: int, say: Any) -> dict[str
     try:
         cluster.init()
         cluster.start()
-        cluster.psql(f"CREATE ROLE {APP_USER} LOGIN")
+        # The app's role authenticates like the superuser (scram-sha-256), with the cluster's
+        # password, so PgBouncer can log in as either with the one password it is given: every
+        # connect pays a SCRAM exchange, as on Heroku Postgres, refused ones included.
+        password = cluster.password
+        _admin_execute(cluster.dsn(), f"CREATE ROLE {APP_USER} LOGIN PASSWORD %s", [password])
         cluster.create_database(DBNAME)
         # PgBouncer closes its server connections 1 s after they go idle, so a direct run that
         # follows a PgBouncer run starts with every slot free (see _settle).
@@ -309,6 +327,7 @@ def run(processes: list[int], seconds: float, rounds: int, say: Any) -> dict[str
             default_pool_size=BOUNCER_POOL,
             max_client_conn=max(processes) * MAX_CONNS + 50,
             users=(APP_USER, "postgres"),
+            password=password,
             settings={"server_idle_timeout": "1"},
             parent_dir=tmp,
         )
@@ -319,7 +338,10 @@ def run(processes: list[int], seconds: float, rounds: int, say: Any) -> dict[str
             f"mode, {BOUNCER_POOL} server connections"
         )
         admin = cluster.dsn(DBNAME)
-        dsns = {"direct": cluster.dsn(DBNAME, user=APP_USER), "pgbouncer": bouncer.dsn(DBNAME)}
+        direct = (
+            f"postgresql://{APP_USER}:{quote(password, safe='')}@127.0.0.1:{cluster.port}/{DBNAME}"
+        )
+        dsns = {"direct": direct, "pgbouncer": bouncer.dsn(DBNAME, user=APP_USER)}
         for round_ in range(1, rounds + 1):
             for n in processes:
                 for mode in MODES:
