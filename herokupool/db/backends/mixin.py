@@ -145,9 +145,9 @@ class PooledDatabaseWrapperMixin(_Base):
         if loan is None:
             loan = self._herokupool_loan = _guard_against_orphans(self)
         loan.held.append((pool, conn))
-        loan.cursors = None
-        if not self._thread_sharing_count:  # type: ignore[attr-defined]  # not in the stubs
-            # Watched by this thread's end.  A wrapper shared between threads
+        if loan.loans is None and not self._thread_sharing_count:  # type: ignore[attr-defined]
+            # Watched by this thread's end from now on (a wrapper belongs to one thread, so
+            # once per wrapper, not per borrow).  A wrapper shared between threads
             # (LiveServerTestCase, inc_thread_sharing) is not: one of its threads ending
             # says nothing about the others still using it.
             loans = _thread_loans()
@@ -224,12 +224,13 @@ class PooledDatabaseWrapperMixin(_Base):
 
     def _close(self) -> None:
         loan = self._herokupool_loan
-        taken = _take(loan) if loan is not None else None
-        if self.connection is None or taken is None:
+        try:
+            # Atomic: the thread's end or the wrapper's collection may race for it.
+            pool, conn = loan.held.pop()  # type: ignore[union-attr]
+        except (IndexError, AttributeError):  # nothing borrowed (AttributeError: no loan yet)
             super()._close()  # type: ignore[misc]
             return
         assert loan is not None
-        pool, conn = taken
         # Never leave the wrapper holding a connection another thread may now have.
         # Inside an atomic block Django keeps self.connection after close() until the
         # block ends: a stand-in that fails as a closed psycopg2 connection does, so the
@@ -309,10 +310,6 @@ class _Loan:
 
 def _take(loan: _Loan) -> tuple[ConnectionPool, Any] | None:
     """Take the borrowed connection out of ``loan``, if it still holds one."""
-    loans = loan.loans
-    if loans is not None:
-        loan.loans = None
-        loans.pop(id(loan), None)
     try:
         return loan.held.pop()
     except IndexError:
@@ -372,6 +369,11 @@ def _reclaim(loan: _Loan) -> None:
     holds the pool's lock: it must not block, take a lock, log or do I/O, so the
     connection goes to ``release_later()``.
     """
+    # The wrapper or its thread is gone: either way no thread watches this loan any more.
+    loans = loan.loans
+    if loans is not None:
+        loan.loans = None
+        loans.pop(id(loan), None)  # dict.pop: atomic, no lock
     wrapper = loan.wrapper()
     # The count, not allow_thread_sharing: that property takes a lock.
     if wrapper is not None and wrapper._thread_sharing_count:  # type: ignore[attr-defined]
@@ -472,6 +474,7 @@ def _forget_inherited_connections() -> None:
     for wrapper in wrappers:
         loan = wrapper._herokupool_loan if isinstance(wrapper, PooledDatabaseWrapperMixin) else None
         if loan is not None and _take(loan) is not None:
+            loan.cursors = None
             wrapper.connection = None
 
 
