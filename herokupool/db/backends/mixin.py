@@ -18,7 +18,6 @@ thread or a garbage collection, possibly while that thread holds the pool's lock
 
 from __future__ import annotations
 
-import logging
 import math
 import threading
 import weakref
@@ -51,8 +50,6 @@ else:
     _Base = object
 
 __all__ = ["PooledDatabaseWrapperMixin"]
-
-logger = logging.getLogger("herokupool.backend")
 
 #: libpq TCP settings the backend adds unless OPTIONS (or the URL) set them.  A borrower
 #: waiting on a query whose network path died silently (a NAT or proxy that dropped the
