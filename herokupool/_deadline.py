@@ -32,7 +32,14 @@ __all__ = ["Deadline"]
 
 class Deadline:
     """``with Deadline(fd, seconds) as deadline:`` cuts ``fd``'s socket if the block
-    is still running after ``seconds``; ``deadline.expired`` tells afterwards."""
+    is still running after ``seconds``; ``deadline.expired`` tells afterwards.
+
+    The key is drawn before arming, so :meth:`disarm` works (and is idempotent) even
+    when an asynchronous exception interrupted ``__enter__`` half-way, where ``with``
+    would not call ``__exit__``: callers that can be interrupted call ``disarm()`` in
+    a ``finally`` as well.  A deadline left armed would cut whatever socket later
+    reuses the descriptor.
+    """
 
     __slots__ = ("_key", "expired", "fd", "seconds")
 
@@ -40,10 +47,11 @@ class Deadline:
         self.fd = fd
         self.seconds = seconds
         self.expired = False
-        self._key: int | None = None
+        self._key: int | None = next(_keys)
 
     def __enter__(self) -> Deadline:
-        self._key = _watchdog.arm(self.fd, time.monotonic() + max(self.seconds, 0.0))
+        assert self._key is not None, "a Deadline is armed once"
+        _watchdog.arm(self._key, self.fd, time.monotonic() + max(self.seconds, 0.0))
         return self
 
     def __exit__(
@@ -56,10 +64,14 @@ class Deadline:
 
     def disarm(self) -> bool:
         """Stop watching; True when the socket had already been cut."""
-        if self._key is not None:
-            self.expired = _watchdog.disarm(self._key)
+        key = self._key
+        if key is not None:
+            self.expired = _watchdog.disarm(key)
             self._key = None
         return self.expired
+
+
+_keys = itertools.count()  # next() on a count is atomic: no lock needed
 
 
 class _Watchdog:
@@ -70,12 +82,10 @@ class _Watchdog:
         self._heap: list[tuple[float, int]] = []
         self._armed: dict[int, int] = {}  # key -> fd, while armed and not yet cut
         self._cut: set[int] = set()  # keys whose socket was cut, until disarmed
-        self._keys = itertools.count()
         self._thread: threading.Thread | None = None
 
-    def arm(self, fd: int, when: float) -> int:
+    def arm(self, key: int, fd: int, when: float) -> None:
         with self._cond:
-            key = next(self._keys)
             self._armed[key] = fd
             heapq.heappush(self._heap, (when, key))
             if self._thread is None:
@@ -85,7 +95,6 @@ class _Watchdog:
                 self._thread.start()
             elif self._heap[0][1] == key:
                 self._cond.notify()  # earlier than what the thread sleeps towards
-            return key
 
     def disarm(self, key: int) -> bool:
         with self._cond:
@@ -112,8 +121,8 @@ class _Watchdog:
                 fd = self._armed.pop(key)
                 # Under the lock: the owner cannot disarm, so cannot close the
                 # connection and have ``fd`` reused, while we cut it.
-                _shutdown(fd)
                 self._cut.add(key)
+                _shutdown(fd)
 
     def after_fork_in_child(self) -> None:
         self.__init__()  # type: ignore[misc]  # the thread and the lock are the parent's
@@ -122,7 +131,7 @@ class _Watchdog:
 def _shutdown(fd: int) -> None:
     try:
         sock = socket.socket(fileno=fd)
-    except OSError:
+    except Exception:  # not a socket (any more): nothing to cut
         return
     try:
         sock.shutdown(socket.SHUT_RDWR)

@@ -34,7 +34,7 @@ class DatabaseWrapper(LendingMixin, base.DatabaseWrapper):
         return StatementCursorWrapper(cursor, self)
 
     def statement_done(self) -> None:
-        if self.autocommit and not self.in_atomic_block and self._herokupool_held:
+        if self.autocommit and not self.in_atomic_block and self._herokupool_pool is not None:
             self._close()
 
     def set_autocommit(self, autocommit: bool, *args: Any, **kwargs: Any) -> None:

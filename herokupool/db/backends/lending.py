@@ -144,16 +144,3 @@ class LendingMixin(PooledDatabaseWrapperMixin):
     def close(self) -> None:
         self._herokupool_kept = None
         super().close()
-
-    def _herokupool_lend(self, pool: ConnectionPool, level: object) -> Any:
-        """Borrow from ``pool`` for this wrapper, as get_new_connection() does once it
-        has found the pool and checked the isolation level."""
-        conn = pool.borrow()
-        held = self._herokupool_held
-        assert held is not None, "made by the wrapper's first borrow"
-        held[:] = (pool, conn)
-        if level is not None:
-            # As get_new_connection(): psycopg2 sends the level with each BEGIN.
-            conn.autocommit = False
-            conn.isolation_level = self.isolation_level
-        return conn

@@ -1,0 +1,69 @@
+"""The deadline watchdog on real socket pairs: it cuts a socket still in use when the
+deadline passes, and never one whose deadline was disarmed in time."""
+
+from __future__ import annotations
+
+import select
+import socket
+import time
+
+from herokupool._deadline import Deadline
+
+
+def test_a_blocked_read_is_cut_at_the_deadline() -> None:
+    client, server = socket.socketpair()
+    try:
+        began = time.monotonic()
+        with Deadline(client.fileno(), 0.1) as limit:
+            readable, _, _ = select.select([client], [], [], 5)
+            assert client.recv(1) == b"", "shut down: the blocked reader sees end of file"
+        assert readable == [client]
+        assert time.monotonic() - began < 5
+        assert limit.expired
+    finally:
+        client.close()
+        server.close()
+
+
+def test_a_deadline_disarmed_in_time_never_cuts() -> None:
+    client, server = socket.socketpair()
+    try:
+        with Deadline(client.fileno(), 0.05) as limit:
+            pass
+        assert not limit.expired
+        time.sleep(0.15)
+        server.sendall(b"x")
+        assert client.recv(1) == b"x", "the socket still works after its deadline passed"
+    finally:
+        client.close()
+        server.close()
+
+
+def test_disarm_works_before_arming_and_twice() -> None:
+    # An asynchronous exception inside __enter__ skips __exit__: callers disarm in a
+    # finally, which must be safe whether or not arming happened.
+    client, server = socket.socketpair()
+    try:
+        limit = Deadline(client.fileno(), 0.05)
+        assert limit.disarm() is False
+        assert limit.disarm() is False
+        time.sleep(0.1)
+        server.sendall(b"x")
+        assert client.recv(1) == b"x"
+    finally:
+        client.close()
+        server.close()
+
+
+def test_the_earliest_deadline_fires_first_whatever_the_order_of_arming() -> None:
+    late_client, late_server = socket.socketpair()
+    early_client, early_server = socket.socketpair()
+    try:
+        with Deadline(late_client.fileno(), 30) as late:
+            with Deadline(early_client.fileno(), 0.05) as early:
+                select.select([early_client], [], [], 5)
+            assert early.expired
+        assert not late.expired
+    finally:
+        for sock in (late_client, late_server, early_client, early_server):
+            sock.close()
