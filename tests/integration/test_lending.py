@@ -274,3 +274,18 @@ def test_a_thread_that_dies_between_or_during_requests_leaves_nothing_borrowed(
     stats = herokupool.stats()[alias]
     assert stats["in_use"] == 0
     assert stats["connections_created"] == 1
+
+
+def test_a_bad_connect_per_borrow_is_a_configuration_error_naming_it(
+    make_wrapper: MakeWrapper, sessions: Callable[[], int]
+) -> None:
+    from django.core.exceptions import ImproperlyConfigured
+
+    wrapper = make_wrapper(MAX_CONNS=1, CONNECT_PER_BORROW="sometimes")
+    with pytest.raises(ImproperlyConfigured) as info:
+        wrapper.ensure_connection()
+    assert str(info.value) == (
+        f"DATABASES[{wrapper.alias!r}]['OPTIONS']['CONNECT_PER_BORROW'] ('sometimes') "
+        "must be a boolean (true/false, 1/0, yes/no, on/off)."
+    )
+    assert sessions() == 0

@@ -35,10 +35,11 @@ import time
 import weakref
 from typing import Any
 
+from django.core.exceptions import ImproperlyConfigured
 from django.db.backends.signals import connection_created
 
 from herokupool.db.backends.mixin import PooledDatabaseWrapperMixin
-from herokupool.options import parse_bool
+from herokupool.options import OptionError, parse_bool
 from herokupool.pool import ConnectionPool
 
 __all__ = ["LendingMixin", "connect_per_borrow"]
@@ -48,10 +49,21 @@ __all__ = ["LendingMixin", "connect_per_borrow"]
 _set_up: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
-def connect_per_borrow(options: dict[str, Any]) -> bool:
-    """Whether ``OPTIONS`` asks for Django's full ``connect()`` on every borrow."""
+def connect_per_borrow(alias: str, options: dict[str, Any]) -> bool:
+    """Whether ``OPTIONS`` asks for Django's full ``connect()`` on every borrow.
+
+    Raises ``ImproperlyConfigured`` for a value that is no boolean, worded as the
+    backend's other OPTIONS errors.
+    """
     value = options.get("CONNECT_PER_BORROW", False)
-    return value if isinstance(value, bool) else parse_bool("CONNECT_PER_BORROW", value)
+    if isinstance(value, bool):
+        return value
+    try:
+        return parse_bool("CONNECT_PER_BORROW", value)
+    except OptionError as error:
+        raise ImproperlyConfigured(
+            f"DATABASES[{alias!r}]['OPTIONS']['{error.name}'] ({error.value!r}) {error.rule}"
+        ) from None
 
 
 class LendingMixin(PooledDatabaseWrapperMixin):
@@ -65,7 +77,9 @@ class LendingMixin(PooledDatabaseWrapperMixin):
     def connect(self) -> None:
         pool = self._herokupool_kept
         reopening = pool is None or pool.closed
-        if reopening and (not self._pooled or connect_per_borrow(self.settings_dict["OPTIONS"])):
+        if reopening and (
+            not self._pooled or connect_per_borrow(self.alias, self.settings_dict["OPTIONS"])
+        ):
             self._herokupool_kept = None
             super().connect()
             return
