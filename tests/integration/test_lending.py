@@ -79,7 +79,7 @@ def test_the_request_end_returns_the_physical_connection_and_the_wrapper_stays_o
     assert (stats["borrows"], stats["releases"], stats["in_use"]) == (3, 3, 0)
 
 
-def test_connection_created_fires_once_per_physical_connection(
+def test_connection_created_fires_per_session_not_per_request(
     make_wrapper: MakeWrapper, created: list[Any]
 ) -> None:
     wrapper = make_wrapper(MAX_CONNS=1)
@@ -88,7 +88,27 @@ def test_connection_created_fires_once_per_physical_connection(
     assert created == [wrapper], "five requests on one server session: one signal"
     other = make_wrapper(MAX_CONNS=1)
     request(other)
-    assert created == [wrapper], "a second wrapper borrowing the same session: no signal"
+    request(other)
+    assert created == [wrapper, other], "a wrapper opening: Django's connect() sends it"
+    wrapper.close()
+    request(wrapper)
+    assert created == [wrapper, other, wrapper], "after close(), as Django's connect()"
+    request(wrapper)
+    assert len(created) == 3
+
+
+def test_a_borrow_of_a_new_physical_connection_sends_connection_created(
+    make_wrapper: MakeWrapper, created: list[Any]
+) -> None:
+    wrapper = make_wrapper(MAX_CONNS=1)
+    first = request(wrapper)
+    herokupool_pool = wrapper._herokupool_kept
+    assert herokupool_pool is not None
+    conn = herokupool_pool.borrow()
+    herokupool_pool.discard(conn)  # the only physical connection is gone
+    second = request(wrapper)
+    assert second != first
+    assert created == [wrapper, wrapper], "a new session: set up and announced again"
 
 
 def test_with_reset_or_connect_per_borrow_connection_created_fires_per_borrow(
@@ -289,3 +309,17 @@ def test_a_bad_connect_per_borrow_is_a_configuration_error_naming_it(
         "must be a boolean (true/false, 1/0, yes/no, on/off)."
     )
     assert sessions() == 0
+
+
+def test_a_connection_kept_under_conn_max_age_gets_djangos_health_check_after_errors(
+    make_wrapper: MakeWrapper, admin: Any
+) -> None:
+    wrapper = make_wrapper(MAX_CONNS=1)
+    wrapper.settings_dict.update(CONN_MAX_AGE=None, CONN_HEALTH_CHECKS=True)
+    pid = request(wrapper)
+    assert wrapper.connection is not None, "CONN_MAX_AGE=None: kept, as Django keeps it"
+    wrapper.errors_occurred = True
+    wrapper.close_if_unusable_or_obsolete()  # request_started: Django checks it
+    assert last_query(admin, pid) == "SELECT 1"
+    assert wrapper.errors_occurred is False
+    wrapper.close()

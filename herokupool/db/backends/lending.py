@@ -15,10 +15,12 @@ the request's end:
   autocommit, the isolation level (psycopg2 client-side state the pool resets on
   release) and the time zone check (a local read of the server-reported
   ``TimeZone``; ``SET TIME ZONE`` only when the application changed it);
-- ``assume_role`` (``SET ROLE``), Django's version check and ``connection_created``
-  run once per *physical* connection, the first time a wrapper gets it: Django's own
-  meaning of the signal.  With ``RESET`` (which may undo them) they run on every
-  borrow;
+- Django's session set-up (``init_connection_state()``: ``assume_role``'s ``SET
+  ROLE``, the version check) and ``connection_created`` run whenever Django's own
+  ``connect()`` would end with them for the wrapper (when it opens), and otherwise when
+  a borrow gets a physical connection no wrapper has set up yet (or one set up for
+  another ``assume_role``): per session, not per request.  With ``RESET`` (which may
+  undo them) they run on every borrow;
 - at the request's end (``close_old_connections()`` ->
   ``close_if_unusable_or_obsolete()``), where Django would close a connection past
   its ``CONN_MAX_AGE``, the physical connection goes back to the pool through
@@ -44,9 +46,10 @@ from herokupool.pool import ConnectionPool
 
 __all__ = ["LendingMixin", "connect_per_borrow"]
 
-# Physical connections on which a wrapper ran the per-connection set-up and sent
-# connection_created.  Weak: a connection the pool closes drops out by itself.
-_set_up: weakref.WeakSet[Any] = weakref.WeakSet()
+# Physical connection -> the assume_role Django's session set-up ran with on it (the
+# time zone is checked on every borrow).  Weak: a connection the pool closes drops out.
+_set_up: weakref.WeakKeyDictionary[Any, object] = weakref.WeakKeyDictionary()
+_NOT_SET_UP = object()
 
 
 def connect_per_borrow(alias: str, options: dict[str, Any]) -> bool:
@@ -116,12 +119,15 @@ class LendingMixin(PooledDatabaseWrapperMixin):
                 self.run_commit_hooks_on_set_autocommit_on = False
         else:
             self.set_autocommit(settings["AUTOCOMMIT"])
-        if pool.reset is not None or conn not in _set_up:
-            # A session no wrapper has set up yet, or one RESET may have undone.
+        role = settings["OPTIONS"].get("assume_role")
+        if reopening or pool.reset is not None or _set_up.get(conn, _NOT_SET_UP) != role:
+            # The wrapper opens (Django's connect() always ends so), or it got a session no
+            # wrapper has set up yet, one set up for another role, or one RESET may have
+            # undone.
             self.init_connection_state()
             connection_created.send(sender=self.__class__, connection=self)
             if pool.reset is None:
-                _set_up.add(conn)
+                _set_up[conn] = role
         else:
             # Django's time zone set-up again, in case the application changed it: a
             # local read of the TimeZone the server reports, SET only when it differs.
@@ -135,11 +141,17 @@ class LendingMixin(PooledDatabaseWrapperMixin):
         self.run_on_commit = []
 
     def close_if_unusable_or_obsolete(self) -> None:
+        # Only where Django would close a connection past its CONN_MAX_AGE (with 0, at
+        # every request's end) does lending differ: the physical connection goes back and
+        # the wrapper stays open.  Otherwise (kept under CONN_MAX_AGE > 0 or None, inside
+        # atomic(), nothing borrowed) Django's own checks run, health check included.
         if (
             self.connection is None
             or self._herokupool_kept is None
             or self.in_atomic_block
             or self._herokupool_pool is None
+            or self.close_at is None
+            or time.monotonic() < self.close_at
         ):
             super().close_if_unusable_or_obsolete()
             return
@@ -147,13 +159,12 @@ class LendingMixin(PooledDatabaseWrapperMixin):
         if self.autocommit != self.settings_dict["AUTOCOMMIT"]:  # get_autocommit(), connected
             self.close()  # as Django: don't take chances, the wrapper closes too
             return
-        # After errors (errors_occurred) Django would run SELECT 1 here; the pool checks
-        # what comes back on release (transaction status, a broken connection) and the
-        # socket again on the next borrow, so that round trip is saved.
-        if self.close_at is not None and time.monotonic() >= self.close_at:
-            # Where Django would close: give the physical connection back, stay open.
-            self.run_on_commit = []
-            self._close()
+        # After errors (errors_occurred) Django would run SELECT 1 before closing; the
+        # pool checks what comes back on release (transaction status, a broken
+        # connection) and the socket again on the next borrow, so that round trip is
+        # saved.
+        self.run_on_commit = []
+        self._close()
 
     def close(self) -> None:
         self._herokupool_kept = None
