@@ -1,41 +1,49 @@
 # herokupool's developer commands. `make run` and `make test` need nothing running:
 # without DATABASE_URL / HEROKUPOOL_TEST_DSN they start an embedded PostgreSQL.
-PYTHON ?= $(shell command -v python3.12 || command -v python3)
+#
+# PYTHON: the interpreter .venv is built with, 3.11 or newer (`make PYTHON=/path/to/python3.12`).
+PYTHON ?= $(shell command -v python3.12 || command -v python3.13 || command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+# psycopg2 is built from source (a C compiler and pg_config, from libpq-dev) when pg_config is on
+# PATH, as Heroku builds it; otherwise .venv gets the psycopg2-binary wheel. PSYCOPG2=source or
+# PSYCOPG2=binary chooses.
+PSYCOPG2 ?= $(if $(shell command -v pg_config),source,binary)
 
-.PHONY: help venv test test-unit test-fresh matrix lint format run bench bench-quick faults clean
+.PHONY: help venv test test-unit test-fresh matrix lint format run bench bench-quick faults clean fleet
 
 help:
+	@echo "make help         this list"
+	@echo "make venv         .venv with the package and its test, dev and demo extras (PYTHON=...)"
 	@echo "make run          the demo app (embedded PostgreSQL unless DATABASE_URL is set)"
-	@echo "make test         the whole test suite on this Python"
+	@echo "make test         the whole test suite on this Python (PYTEST_ARGS=...)"
 	@echo "make test-unit    the tests that need no database"
 	@echo "make test-fresh   the integration suite on an embedded PostgreSQL (ignores DSNs)"
 	@echo "make matrix       unit tests across Python x Django with tox"
 	@echo "make lint         ruff and mypy (strict)"
-	@echo "make bench        the benchmark against peers; make bench-quick for a short run"
+	@echo "make format       ruff's fixes and formatting, applied"
+	@echo "make bench        the benchmark against peers"
+	@echo "make bench-quick  a short run of the benchmark"
 	@echo "make faults       restarts, killed backends, outage, full server, new password, soak"
+	@echo "make fleet        fleet sizing: 2/8/32 processes vs max_connections 20, direct and via PgBouncer"
+	@echo "make clean        remove .venv, tox's environments, build output and tool caches"
 
-$(STAMP): pyproject.toml
-	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,dev,demo]'
-	touch $(STAMP)
+# Rebuilds a .venv whose Python is missing, older than 3.11 or (with PYTHON given) another
+# version; reinstalls when pyproject.toml is newer than .venv/.installed; else does nothing.
+venv:
+	@MAKE_GOALS="$(MAKECMDGOALS)" sh devtools/venv.sh "$(PYTHON)" "$(VENV)" "$(PSYCOPG2)" "$(origin PYTHON)"
 
-venv: $(STAMP)
-
-test: $(STAMP)
+test: venv
 	$(BIN)/python -X dev -m pytest $(PYTEST_ARGS)
 
-test-unit: $(STAMP)
+test-unit: venv
 	$(BIN)/python -X dev -m pytest tests/unit $(PYTEST_ARGS)
 
 # The "fresh machine" run: no DSN, so the suite starts its own embedded PostgreSQL.
 # PostGIS ships only with the system packages, so those tests are deselected here
 # (they run in `make test`); the fault suite and devtools' own tests start private
 # servers whatever the DSN, so `make test` has already run them.
-test-fresh: $(STAMP)
+test-fresh: venv
 	env -u HEROKUPOOL_TEST_DSN -u DATABASE_URL $(BIN)/python -X dev -m pytest tests -m "not postgis" \
 		--ignore=tests/faults --ignore=tests/devtools $(PYTEST_ARGS)
 
@@ -43,18 +51,18 @@ test-fresh: $(STAMP)
 # PostgreSQL servers through a restart, killed backends, an outage, a full server and a password
 # change, then a soak (HEROKUPOOL_SOAK_SECONDS, 75 by default). Figures at the end and in
 # tests/faults/results.json.
-faults: $(STAMP)
+faults: venv
 	$(BIN)/python -X dev -m pytest tests/faults $(PYTEST_ARGS)
 
-matrix: $(STAMP)
+matrix: venv
 	$(BIN)/python -m tox run-parallel --parallel 2 --parallel-no-spinner $(TOX_ARGS)
 
-lint: $(STAMP)
+lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-format: $(STAMP)
+format: venv
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
@@ -68,10 +76,18 @@ bench-quick:
 	sh bench/venv.sh $(PYTHON)
 	.venv-bench/bin/python -m bench --quick $(BENCH_ARGS)
 
+# Fleet sizing (bench/fleet.py, docs/fleet.md): N = 2, 8, 32 worker processes, each with its own
+# pool, against a private PostgreSQL with max_connections 20, directly and through PgBouncer
+# (transaction mode); about 5 minutes on 2 cores, loopback only. Results in docs/fleet.{md,json,png};
+# FLEET_ARGS=--quick runs N = 2, 4 for 3 s and writes nothing. Uses the benchmark's .venv-bench.
+fleet:
+	sh bench/venv.sh $(PYTHON)
+	.venv-bench/bin/python -m bench.fleet $(FLEET_ARGS)
+
 # The demo as Heroku runs it (demo/run.py): collectstatic, the Procfile's release command,
 # then its web command, and the URL once /healthz answers. Without DATABASE_URL it runs on an
 # embedded PostgreSQL whose data stays in .pgdata (git-ignored); Ctrl-C stops both.
-run: $(STAMP)
+run: venv
 ifeq ($(strip $(DATABASE_URL)),)
 	$(BIN)/python -m devtools.pgcluster run --datadir .pgdata -- $(BIN)/python -m demo.run
 else

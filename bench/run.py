@@ -311,6 +311,7 @@ class Bench:
             default_pool_size=pool_size,
             max_client_conn=1000,
             users=(self.target.user,),
+            password=self.target.password or None,
             settings={
                 "query_wait_timeout": max(1, round(wait_timeout)),
                 "log_connections": 0,

@@ -8,10 +8,13 @@ a free loopback port, and waits until the admin console answers::
         conn = psycopg2.connect(bouncer.dsn("app"))
         pools = bouncer.show("POOLS")
 
-Every database name is forwarded to the server's database of the same name (``* = host=...``);
-authentication is ``trust`` for the users listed in its auth file (``postgres`` by default), who
-are also the console's admins, so ``dsn()`` needs no password and the server must trust them too
-(as :class:`devtools.pgcluster.PostgresCluster` does).
+Every database name is forwarded to the server's database of the same name (``* = host=...``).
+The users listed in its auth file (``postgres`` by default) are also the console's admins.
+With ``password`` (the server's password for them, e.g. ``PostgresCluster.password`` of
+:mod:`devtools.pgcluster`) clients must authenticate with it (scram-sha-256), PgBouncer logs
+into the server with it, and ``dsn()`` carries it; without, authentication is ``trust`` and
+the server must trust them too.
+A PgBouncer is no more open than the server behind it.
 
 Startup parameters: libpq as psycopg2 and Django use it sends ``user``, ``database``,
 ``client_encoding`` (Django always sets UTF8) and ``application_name`` when configured; PgBouncer
@@ -121,6 +124,7 @@ class PgBouncer:
         default_pool_size: int = 20,
         max_client_conn: int = 100,
         users: Iterable[str] = ("postgres",),
+        password: str | None = None,
         ignore_startup_parameters: Iterable[str] = ("extra_float_digits",),
         settings: Mapping[str, object] | None = None,
         port: int | None = None,
@@ -144,6 +148,9 @@ class PgBouncer:
         self.users = tuple(users)
         if not self.users:
             raise ValueError("users must name at least one user.")
+        if password is not None and ('"' in password or "\n" in password):
+            raise ValueError("password cannot contain a double quote or a line break.")
+        self.password = password
         self.ignore_startup_parameters = tuple(ignore_startup_parameters)
         self.settings = {name: _ini_value(value) for name, value in (settings or {}).items()}
         self.host = host
@@ -185,7 +192,10 @@ class PgBouncer:
         """A libpq URL for ``dbname`` through this PgBouncer (the server database of that name)."""
         user = self.users[0] if user is None else user
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"postgresql://{quote(user, safe='')}@{host}:{self.port}/{quote(dbname, safe='')}"
+        userinfo = quote(user, safe="")
+        if self.password is not None and user in self.users:
+            userinfo += ":" + quote(self.password, safe="")
+        return f"postgresql://{userinfo}@{host}:{self.port}/{quote(dbname, safe='')}"
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -280,7 +290,7 @@ class PgBouncer:
             "listen_port": str(self._port if self._port is not None else 0),
             # No unix socket: nothing to clean up, no clash with the system's /tmp/.s.PGSQL.6432.
             "unix_socket_dir": "",
-            "auth_type": "trust",
+            "auth_type": "trust" if self.password is None else "scram-sha-256",
             "auth_file": str(directory / AUTH_FILE),
             "admin_users": ",".join(self.users),
             "pool_mode": self.pool_mode,
@@ -306,10 +316,14 @@ class PgBouncer:
         directory = Path(tempfile.mkdtemp(prefix="hp-pgbouncer-", dir=self.parent_dir))
         self.directory = directory
         (directory / INI_FILE).write_text(self.ini(directory), encoding="utf-8")
-        # trust: no password checked, but each user must be listed.
-        (directory / AUTH_FILE).write_text(
-            "".join(f'"{name}" ""\n' for name in self.users), encoding="utf-8"
+        # Each user must be listed, even for trust. The password (plain text: PgBouncer needs it
+        # to log into the server) is for this user only: the directory is 0700 (mkdtemp).
+        password = self.password or ""
+        auth_file = directory / AUTH_FILE
+        auth_file.write_text(
+            "".join(f'"{name}" "{password}"\n' for name in self.users), encoding="utf-8"
         )
+        auth_file.chmod(0o600)
         if user is not None:
             # pgbouncer (as the unprivileged user) reads the ini and writes its log and pid file.
             for path in (directory, directory / INI_FILE, directory / AUTH_FILE):

@@ -3,12 +3,20 @@
 A :class:`PostgresCluster` owns one data directory and the server started on it: ``init()`` runs
 initdb, ``start()``/``stop()``/``restart()`` drive ``pg_ctl`` on that directory only, and
 ``destroy()`` removes it. Servers listen on a loopback TCP port (never 5432, which belongs to the
-machine's own PostgreSQL) with trust authentication for the superuser ``postgres``, so
-``dsn()`` needs no password::
+machine's own PostgreSQL) and on a unix socket in a 0700 directory, and every connection must
+authenticate (scram-sha-256, for local and host lines alike). ``init()`` gives the superuser
+``postgres`` a random password, kept in ``<datadir>/pgcluster.password`` (mode 0600, beside the
+data only the server's owner can read); ``dsn()`` carries it, so callers need nothing else::
 
     with PostgresCluster(tmp_path / "pg") as cluster:
         cluster.create_database("app")
         conn = psycopg2.connect(cluster.dsn("app"))
+
+Without a password any account on the machine could connect as superuser and run ``COPY ... FROM
+PROGRAM`` as the server's OS user. A data directory made before passwords (``trust`` lines in
+pg_hba.conf, or no password file) is upgraded by ``start()``: a new password is set in
+single-user mode (no server listening meanwhile) and every ``trust`` becomes ``scram-sha-256``.
+A server already running on such a directory is refused with what to do.
 
 The data is for tests only: ``fsync`` and ``full_page_writes`` are off, so a crash of the *machine*
 can corrupt a cluster (a crash of the server cannot). ``synchronous_commit`` stays on: with fsync
@@ -28,19 +36,27 @@ Command line (``make run`` uses the first form)::
     python -m devtools.pgcluster start --datadir .pgdata [--port N]
     python -m devtools.pgcluster stop --datadir .pgdata
 
+``run`` hands the URL to CMD in DATABASE_URL and logs it with the password masked; ``start``
+prints ``DATABASE_URL=...`` with the password masked and ``PASSWORD_FILE=...`` on stdout: a
+script reads the password from that file (owner-only), so it never reaches a terminal or a log.
+
 This module imports nothing from Django.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import functools
+import hashlib
+import hmac
 import importlib.util
 import logging
 import os
 import pwd
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -69,6 +85,10 @@ RESERVED_PORT = 5432
 CONF_FILE = "pgcluster.conf"
 #: The server's log, inside the data directory.
 LOG_FILE = "server.log"
+#: The superuser's password, inside the data directory (mode 0600); see ``password``.
+PASSWORD_FILE = "pgcluster.password"
+#: pg_hba.conf's method for every line initdb writes, and what ``trust`` is upgraded to.
+AUTH_METHOD = "scram-sha-256"
 #: The unprivileged user created when running as root and no "postgres" user exists.
 FALLBACK_USER = "herokupool"
 DEBIAN_ROOT = Path("/usr/lib/postgresql")
@@ -80,6 +100,9 @@ FAST_SETTINGS: dict[str, str] = {
     "full_page_writes": "off",
     "shared_buffers": "32MB",
     "max_connections": "100",
+    # The directory (the data directory, or a 0700 one under /tmp) already keeps other users
+    # out; this keeps them out of a socket moved elsewhere too.
+    "unix_socket_permissions": "0700",
 }
 
 _REQUIRED_BINARIES = ("initdb", "pg_ctl", "postgres")
@@ -90,6 +113,10 @@ _SHORT_TMP = Path("/tmp")
 _INCLUDE_LINE = f"include_if_exists = '{CONF_FILE}'"
 _SETTING_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*\Z")
 _PORT_IN_USE = ("Address already in use", "could not create any TCP/IP sockets")
+# 32 random bytes, URL-safe: no character needs quoting in a URL, a conf file or SQL.
+_PASSWORD_BYTES = 32
+_SCRAM_ITERATIONS = 4096
+_MASK = "********"
 # Extra seconds granted to the pg_ctl process beyond its own -t wait, before it is killed.
 _PG_CTL_GRACE = 15.0
 
@@ -343,6 +370,51 @@ class _Postmaster:
     socket_dir: Path | None
 
 
+def _scram_verifier(password: str) -> str:
+    """The SCRAM-SHA-256 secret PostgreSQL stores for ``password`` (RFC 5802/7677).
+
+    ALTER ROLE ... PASSWORD given this instead of the password itself: the plaintext never
+    reaches the server, so no log_statement setting of an old data directory can record it.
+    The password is ASCII (token_urlsafe), for which SASLprep changes nothing.
+    """
+    salt = secrets.token_bytes(16)
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, _SCRAM_ITERATIONS)
+    client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
+    stored_key = hashlib.sha256(client_key).digest()
+    server_key = hmac.new(salted, b"Server Key", hashlib.sha256).digest()
+
+    def b64(data: bytes) -> str:
+        return base64.b64encode(data).decode("ascii")
+
+    return f"SCRAM-SHA-256${_SCRAM_ITERATIONS}:{b64(salt)}${b64(stored_key)}:{b64(server_key)}"
+
+
+def _trust_spans(hba: str) -> list[tuple[int, int, int]]:
+    """(line index, start, end) of each ``trust`` method in pg_hba.conf's text.
+
+    A record is TYPE DATABASE USER [ADDRESS [MASK]] METHOD [OPTIONS]; every option has an "=",
+    so the method is the last field without one (a user or database named "trust" is not).
+    """
+    found = []
+    for index, line in enumerate(hba.splitlines(keepends=True)):
+        body = line.split("#", 1)[0]
+        fields = list(re.finditer(r"\S+", body))
+        if len(fields) < 4 or fields[0].group().startswith("include"):
+            continue
+        method = [field for field in fields if "=" not in field.group()][-1]
+        if method.group() == "trust":
+            found.append((index, method.start(), method.end()))
+    return found
+
+
+def _without_trust(hba: str) -> str:
+    """pg_hba.conf's text with every ``trust`` method replaced by AUTH_METHOD."""
+    lines = hba.splitlines(keepends=True)
+    for index, start, end in _trust_spans(hba):
+        lines[index] = lines[index][:start] + AUTH_METHOD + lines[index][end:]
+    return "".join(lines)
+
+
 def _quote_setting(value: str) -> str:
     if "\n" in value or "\r" in value:
         raise ValueError(f"A postgresql.conf value cannot contain a line break: {value!r}.")
@@ -417,34 +489,62 @@ class PostgresCluster:
     def logfile(self) -> Path:
         return self.datadir / LOG_FILE
 
+    @property
+    def password_file(self) -> Path:
+        """Where the superuser's password is kept: inside the data directory, mode 0600."""
+        return self.datadir / PASSWORD_FILE
+
+    @property
+    def password(self) -> str:
+        """The superuser's password, made by ``init()`` (or by ``start()`` when upgrading a
+        data directory that had none). Raises PostgresClusterError when there is none yet."""
+        try:
+            return self.password_file.read_text(encoding="ascii").strip()
+        except FileNotFoundError:
+            raise PostgresClusterError(
+                f"{self.datadir} has no {PASSWORD_FILE}; call init() (new data directory) or "
+                "start() (which upgrades one made without a password) first."
+            ) from None
+
     # ----------------------------------------------------------------- lifecycle
 
     def init(self) -> None:
         """Run initdb unless the data directory already holds a cluster (has PG_VERSION).
 
-        Trust authentication for local and host connections, superuser ``postgres``, UTF8,
-        locale C. Raises PostgresClusterError when initdb fails (e.g. a non-empty directory).
+        scram-sha-256 for local and host connections, superuser ``postgres`` with a new random
+        password (see ``password``), UTF8, locale C. Raises PostgresClusterError when initdb
+        fails (e.g. a non-empty directory).
         """
         if (self.datadir / "PG_VERSION").exists():
             return
         self._prepare_datadir()
-        self._checked_run(
-            [
-                self.bindir / "initdb",
-                "--pgdata",
-                self.datadir,
-                "--username",
-                SUPERUSER,
-                "--auth-local=trust",
-                "--auth-host=trust",
-                "--encoding=UTF8",
-                "--locale=C",
-                # Test data: skip the final fsync of every file (seconds on slow disks).
-                "--no-sync",
-            ],
-            timeout=120,
-            what="initdb",
-        )
+        password = secrets.token_urlsafe(_PASSWORD_BYTES)
+        # initdb reads the password from a file, which cannot be in the (still empty) data
+        # directory: a private directory of its own, readable by the server user only.
+        with tempfile.TemporaryDirectory(prefix="pgcluster-") as private:
+            pwfile = Path(private) / "pwfile"
+            self._write_private(pwfile, password)
+            self._chown(Path(private))
+            self._checked_run(
+                [
+                    self.bindir / "initdb",
+                    "--pgdata",
+                    self.datadir,
+                    "--username",
+                    SUPERUSER,
+                    f"--pwfile={pwfile}",
+                    f"--auth={AUTH_METHOD}",
+                    "--encoding=UTF8",
+                    "--locale=C",
+                    # Test data: skip the final fsync of every file (seconds on slow disks).
+                    "--no-sync",
+                ],
+                timeout=120,
+                what="initdb",
+            )
+        # Written after initdb (which wants an empty directory). If this process dies in
+        # between, start() finds no password file and sets a new password.
+        self._write_private(self.password_file, password)
         self._ensure_include()
         logger.debug("pgcluster: initialised %s with %s", self.datadir, self.bindir)
 
@@ -463,6 +563,14 @@ class PostgresCluster:
                     f"{self.datadir} already runs on port {running.port}, not "
                     f"{self._requested_port}; stop it first."
                 )
+            if self._insecure_because() is not None:
+                raise PostgresClusterError(
+                    f"The server running on {self.datadir} {self._insecure_because()}, so any "
+                    "user of this machine can connect as superuser. Stop it "
+                    f"(python -m devtools.pgcluster stop --datadir {self.datadir}) and start "
+                    "it again: start() then sets a password and replaces trust with "
+                    f"{AUTH_METHOD}."
+                )
             self._port = running.port
             self.socket_dir = running.socket_dir
             return
@@ -475,6 +583,7 @@ class PostgresCluster:
             # running?").
             logger.warning("pgcluster: removing stale postmaster.pid of %s", self.datadir)
             (self.datadir / "postmaster.pid").unlink(missing_ok=True)
+        self._require_password()
         # A port this object picked is retried after a bind race; a requested one is not.
         attempts = 1 if self._requested_port is not None else 3
         for attempt in range(1, attempts + 1):
@@ -555,9 +664,25 @@ class PostgresCluster:
     # ----------------------------------------------------------------- clients
 
     def dsn(self, dbname: str = "postgres", user: str = SUPERUSER) -> str:
-        """A libpq URL for this server: ``postgresql://postgres@127.0.0.1:PORT/dbname``."""
+        """A libpq URL for this server with the superuser's password:
+        ``postgresql://postgres:PASSWORD@127.0.0.1:PORT/dbname``.
+
+        For another ``user`` the URL has no password (it is not this module's to know).
+        """
+        port = self.port  # before the password: "call start() first" is the better error
+        return self._url(dbname, user, self.password if user == SUPERUSER else None, port)
+
+    def masked_dsn(self, dbname: str = "postgres", user: str = SUPERUSER) -> str:
+        """``dsn()`` with the password replaced by asterisks: for messages and logs."""
+        return self._url(dbname, user, _MASK if user == SUPERUSER else None)
+
+    def _url(self, dbname: str, user: str, password: str | None, port: int | None = None) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"postgresql://{quote(user, safe='')}@{host}:{self.port}/{quote(dbname, safe='')}"
+        userinfo = quote(user, safe="")
+        if password is not None:
+            userinfo += ":" + (password if password == _MASK else quote(password, safe=""))
+        port = self.port if port is None else port
+        return f"postgresql://{userinfo}@{host}:{port}/{quote(dbname, safe='')}"
 
     def psql(self, sql: str, dbname: str = "postgres") -> str:
         """Run ``sql`` (one or more statements) with the psql binary; return its output.
@@ -569,17 +694,20 @@ class PostgresCluster:
         psql = self.bindir / "psql"
         if not os.access(psql, os.X_OK):
             psql = Path(shutil.which("psql") or psql)
+        # The password goes in the environment, which only this user (and root) can read;
+        # a command line is visible to every user in ps.
         result = subprocess.run(
-            [str(psql), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", self.dsn(dbname)],
+            [str(psql), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d",
+             self._url(dbname, SUPERUSER, None)],
             input=sql,
             capture_output=True,
             text=True,
             check=False,
-            env=_clean_env(),
-        )
+            env={**_clean_env(), "PGPASSWORD": self.password},
+        )  # fmt: skip
         if result.returncode != 0:
             raise PostgresClusterError(
-                f"psql on {self.dsn(dbname)} failed (exit {result.returncode}): "
+                f"psql on {self.masked_dsn(dbname)} failed (exit {result.returncode}): "
                 f"{result.stderr.strip()}"
             )
         return result.stdout.rstrip("\n")
@@ -599,18 +727,27 @@ class PostgresCluster:
 
     # ----------------------------------------------------------------- internals
 
-    def _run(self, args: Sequence[str | Path], *, timeout: float, what: str) -> tuple[int, str]:
+    def _run(
+        self,
+        args: Sequence[str | Path],
+        *,
+        timeout: float,
+        what: str,
+        stdin_text: str | None = None,
+    ) -> tuple[int, str]:
         """Run a server binary (as the unprivileged user when root); return code and output.
 
         Output goes to a temporary file, never a pipe: the postmaster that pg_ctl starts would
-        inherit a pipe and keep it open, so reading it to EOF would hang.
+        inherit a pipe and keep it open, so reading it to EOF would hang. ``stdin_text`` is sent
+        to the binary's stdin (otherwise /dev/null).
         """
         user = _server_user()
         with tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as output:
             try:
                 result = subprocess.run(
                     [str(arg) for arg in args],
-                    stdin=subprocess.DEVNULL,
+                    stdin=subprocess.DEVNULL if stdin_text is None else None,
+                    input=None if stdin_text is None else stdin_text.encode(),
                     stdout=output,
                     stderr=subprocess.STDOUT,
                     # The caller's working directory may be closed to the server user.
@@ -679,6 +816,59 @@ class PostgresCluster:
         user = _server_user()
         if user is not None:
             os.chown(path, user.pw_uid, user.pw_gid)
+
+    def _write_private(self, path: Path, text: str) -> None:
+        """Write ``text`` to a new file that only the server's owner can read (0600 from the
+        start: never briefly readable by others), replacing ``path`` if it exists."""
+        path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="ascii") as file:
+            file.write(text + "\n")
+        self._chown(path)
+
+    def _insecure_because(self) -> str | None:
+        """Why this data directory would let a client in without the password, or None."""
+        hba = self.datadir / "pg_hba.conf"
+        if _trust_spans(hba.read_text(encoding="utf-8")):
+            return f"trusts connections without a password (trust in {hba})"
+        if not self.password_file.exists():
+            return f"has no {PASSWORD_FILE}"
+        return None
+
+    def _require_password(self) -> None:
+        """Upgrade a data directory made without a password (the server is not running).
+
+        The new password is set in single-user mode, where the server listens on nothing, and
+        only then are the trust lines replaced: there is no moment at which a client could get
+        in without it, nor one at which the owner is locked out.
+        """
+        reason = self._insecure_because()
+        if reason is None:
+            return
+        password = (
+            self.password if self.password_file.exists() else secrets.token_urlsafe(_PASSWORD_BYTES)
+        )
+        statement = f"ALTER ROLE {SUPERUSER} PASSWORD '{_scram_verifier(password)}'\n"
+        returncode, output = self._run(
+            [self.bindir / "postgres", "--single", "-D", self.datadir, "postgres"],
+            stdin_text=statement,
+            timeout=120,
+            what="postgres --single",
+        )
+        # Single-user mode reports a failed statement on its output but still exits 0.
+        if returncode != 0 or "ERROR:" in output:
+            raise PostgresClusterError(
+                f"Could not set a password on {self.datadir}, which {reason} (exit "
+                f"{returncode}):\n{output.strip()}"
+            )
+        self._write_private(self.password_file, password)
+        hba = self.datadir / "pg_hba.conf"
+        hba.write_text(_without_trust(hba.read_text(encoding="utf-8")), encoding="utf-8")
+        logger.warning(
+            "pgcluster: %s %s; upgraded: the superuser %s has a new password (in %s) and "
+            "every trust line of pg_hba.conf is now %s (other roles need a password too)",
+            self.datadir, reason, SUPERUSER, self.password_file, AUTH_METHOD,
+        )  # fmt: skip
 
     def _ensure_include(self) -> None:
         """Make postgresql.conf include CONF_FILE (once; initdb's file does not)."""
@@ -858,8 +1048,14 @@ def _command_run(args: argparse.Namespace, command: Sequence[str]) -> int:
         cluster.start()
         cluster.create_database(args.dbname)
         url = cluster.dsn(args.dbname)
-        # stderr: the child's stdout stays its own.
-        print(f"pgcluster: DATABASE_URL={url}", file=sys.stderr, flush=True)
+        # stderr: the child's stdout stays its own. The password stays out of the terminal
+        # (and whatever it is pasted into); the child has it in DATABASE_URL.
+        print(
+            f"pgcluster: DATABASE_URL={cluster.masked_dsn(args.dbname)} "
+            f"(password in {cluster.password_file})",
+            file=sys.stderr,
+            flush=True,
+        )
         return _run_child(command, {**os.environ, "DATABASE_URL": url})
     finally:
         if started_here:
@@ -876,7 +1072,8 @@ def _command_start(args: argparse.Namespace) -> int:
     cluster.init()
     cluster.start()
     cluster.create_database(args.dbname)
-    print(f"DATABASE_URL={cluster.dsn(args.dbname)}", flush=True)
+    print(f"DATABASE_URL={cluster.masked_dsn(args.dbname)}", flush=True)
+    print(f"PASSWORD_FILE={cluster.password_file}", flush=True)
     return 0
 
 
@@ -895,7 +1092,9 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser(
         "run", help="start a server, run CMD with DATABASE_URL set, stop the server"
     )
-    start = commands.add_parser("start", help="start a server and leave it running")
+    start = commands.add_parser(
+        "start", help="start a server, leave it running and print its DATABASE_URL"
+    )
     stop = commands.add_parser("stop", help="stop a server started by `start`")
     for sub in (run, start, stop):
         sub.add_argument("--datadir", type=Path, required=True, help="kept across runs")

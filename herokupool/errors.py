@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import psycopg2
 
-__all__ = ["PoolClosed", "PoolError", "PoolTimeout"]
+__all__ = ["PoolClosed", "PoolError", "PoolOverloaded", "PoolTimeout"]
 
 
 class PoolError(psycopg2.OperationalError):
@@ -23,6 +23,14 @@ class PoolTimeout(PoolError):
     waiting / max numbers at that moment.  When the pool's last attempt to open a
     connection failed, that error is the ``__cause__``: the database may be
     unreachable rather than the pool exhausted.
+    """
+
+
+class PoolOverloaded(PoolTimeout):
+    """``max_waiting`` borrowers were already queued: the borrow was refused at once.
+
+    A :class:`PoolTimeout` (so code that handles timeouts handles it too) raised without
+    waiting; the message names the pool and gives the waiting / in use / max numbers.
     """
 
 

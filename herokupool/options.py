@@ -82,6 +82,24 @@ def _int(minimum: int, maximum: int) -> Callable[[str, object], int]:
     return parse
 
 
+def _int_or_none(minimum: int, maximum: int) -> Callable[[str, object], int | None]:
+    parse_int = _int(minimum, maximum)
+
+    def parse(name: str, value: object) -> int | None:
+        if value is None or (isinstance(value, str) and value.strip().lower() in {"", "none"}):
+            return None
+        try:
+            return parse_int(name, value)
+        except OptionError:
+            raise OptionError(
+                name,
+                value,
+                f"must be a whole number from {minimum} to {maximum} (or empty / none to disable).",
+            ) from None
+
+    return parse
+
+
 def _seconds(*, allow_none: bool) -> Callable[[str, object], float | None]:
     rule = f"must be a number of seconds greater than 0 and at most {MAX_SECONDS:.0f} (one day)" + (
         " (or empty / none to disable)." if allow_none else "."
@@ -162,6 +180,18 @@ OPTIONS: tuple[PoolOption, ...] = (
         None,
         _seconds(allow_none=True),
         "seconds a borrow may last before a warning with the borrower's stack",
+    ),
+    PoolOption(
+        "MAX_WAITING",
+        None,
+        _int_or_none(0, MAX_CONNECTIONS),
+        "borrowers that may queue; one more fails at once with PoolOverloaded",
+    ),
+    PoolOption(
+        "LOG_METRICS",
+        None,
+        _seconds(allow_none=True),
+        "seconds between two l2met metrics lines in the log",
     ),
 )
 

@@ -53,7 +53,8 @@ from psycopg2 import extensions as ext
 
 from herokupool import _fork
 from herokupool._deadline import Deadline
-from herokupool.errors import PoolClosed, PoolTimeout
+from herokupool.errors import PoolClosed, PoolOverloaded, PoolTimeout
+from herokupool.metrics import MetricsReporter, WaitWindow
 
 __all__ = ["ConnectionPool"]
 
@@ -73,6 +74,7 @@ RELEASES: Final = "releases"
 WAITS: Final = "waits"
 WAIT_TIME: Final = "wait_time"
 TIMEOUTS: Final = "timeouts"
+SHED: Final = "shed"  # borrows refused at once by max_waiting (PoolOverloaded)
 CONNECTIONS_CREATED: Final = "connections_created"
 CONNECTIONS_FAILED: Final = "connections_failed"
 CONNECTIONS_CLOSED: Final = "connections_closed"
@@ -206,6 +208,8 @@ class ConnectionPool:
         validate_after: float | None = 0.5,
         reset: str | None = None,
         leak_threshold: float | None = None,
+        max_waiting: int | None = None,
+        log_metrics: float | None = None,
         clock: Callable[[], float] = time.monotonic,
         background: bool = True,
     ) -> None:
@@ -218,6 +222,10 @@ class ConnectionPool:
             )
         if timeout <= 0:
             raise ValueError(f"pool {name!r}: timeout ({timeout}) must be greater than 0")
+        if max_waiting is not None and max_waiting < 0:
+            raise ValueError(f"pool {name!r}: max_waiting ({max_waiting}) must be at least 0")
+        if log_metrics is not None and log_metrics <= 0:
+            raise ValueError(f"pool {name!r}: log_metrics ({log_metrics}) must be greater than 0")
         self.name = name
         self.max_conns = max_conns
         self.min_conns = min_conns
@@ -228,6 +236,8 @@ class ConnectionPool:
         self.validate_after = validate_after
         self.reset = reset
         self.leak_threshold = leak_threshold
+        self.max_waiting = max_waiting
+        self.log_metrics = log_metrics
         self._connect = connect
         self._clock = clock
         self._background = background
@@ -251,6 +261,7 @@ class ConnectionPool:
                 RELEASES,
                 WAITS,
                 TIMEOUTS,
+                SHED,
                 CONNECTIONS_CREATED,
                 CONNECTIONS_FAILED,
                 CONNECTIONS_CLOSED,
@@ -268,6 +279,11 @@ class ConnectionPool:
         # that runs in a thread holding any lock, ours included.
         self._tasks: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._worker: threading.Thread | None = None
+        # Recent waits and the periodic metrics line / advice (herokupool.metrics).
+        self._window = WaitWindow()
+        self._reporter = MetricsReporter(
+            self.name, log_interval=self.log_metrics, started=self._clock()
+        )
 
     def __repr__(self) -> str:
         with self._lock:
@@ -311,6 +327,7 @@ class ConnectionPool:
         timeout = self.timeout if timeout is None else timeout
         started = None  # read only when the borrow must wait: the fast path reads the clock once
         waiter = None
+        overloaded = None
         with self._lock:
             if self._closed:
                 raise PoolClosed(f"pool {self.name!r} is closed")
@@ -322,14 +339,31 @@ class ConnectionPool:
             elif len(self._in_use) + self._connecting < self.max_conns:
                 self._connecting += 1
                 got = None  # a slot: open a connection in it
+            elif self.max_waiting is not None and len(self._waiters) >= self.max_waiting:
+                self._counters[SHED] += 1
+                overloaded = (
+                    f"pool {self.name!r}: {len(self._waiters)} borrowers already waiting "
+                    f"(max_waiting {self.max_waiting}), so this one was refused at once "
+                    f"({len(self._in_use)} in use, {len(self._idle)} idle, max {self.max_conns})"
+                )
             else:
                 waiter = _Waiter()
                 self._waiters.append(waiter)
+                queued = len(self._waiters)
                 self._counters[WAITS] += 1
+        if overloaded is not None:
+            self._window.record_shed(self._clock())
+            raise PoolOverloaded(overloaded)
         if waiter is not None:
             started = self._clock()
+            self._window.note_waiting(queued, started)
             got = self._wait(waiter, started, timeout)
         entry = self._ready(got, started, timeout)
+        now = entry.borrowed_at  # set by _ready: no second clock read
+        if started is not None:
+            self._window.record_wait(now - started, now)
+        # Outside the lock: note_in_use is lock-free (see herokupool.metrics).
+        self._window.note_in_use(len(self._in_use), now)
         entry.holder = get_ident()
         if self.leak_threshold is not None:
             entry.stack = traceback.format_stack()[:-2]
@@ -351,6 +385,7 @@ class ConnectionPool:
             if waiter.give_up():
                 self._waiters.remove(waiter)
                 self._counters[TIMEOUTS] += 1
+                self._window.record_timeout(now - started, now)
                 message = self._timeout_message(now - started, now)
                 cause = self._last_error
                 outcome = _Outcome.GAVE_UP
@@ -812,6 +847,7 @@ class ConnectionPool:
                 "".join(stack).rstrip(),
             )
         self._fill()
+        self._reporter.tick(self.stats, self._clock())
 
     def _run_tasks(self) -> None:
         """Do what was queued for the background thread (without one: now)."""
@@ -886,6 +922,7 @@ class ConnectionPool:
             for period in (self.max_idle, self.max_lifetime, self.leak_threshold)
             if period is not None
         ]
+        periods.append(self._reporter.interval())
         return min(max(min(periods, default=60.0) / 4, 0.05), 30.0)
 
     def _after_fork_in_child(self) -> None:
@@ -903,7 +940,7 @@ class ConnectionPool:
     def stats(self) -> dict[str, int | float]:
         """A snapshot of the pool's measures and counters (see the module constants)."""
         with self._lock:
-            return {
+            stats: dict[str, int | float] = {
                 POOL_MAX: self.max_conns,
                 POOL_MIN: self.min_conns,
                 IN_USE: len(self._in_use),
@@ -913,6 +950,9 @@ class ConnectionPool:
                 **self._counters,
                 WAIT_TIME: round(self._wait_time, 6),
             }
+        # Outside the pool's lock: the window has its own (see herokupool.metrics).
+        stats.update(self._window.snapshot(self._clock()))
+        return stats
 
 
 _STATUS_NAMES = {

@@ -1,8 +1,11 @@
 """Shared fixtures: the test PostgreSQL server and the rule that nothing may skip in CI.
 
-The server is HEROKUPOOL_TEST_DSN (or DATABASE_URL, as Heroku CI sets it) when given;
-otherwise an embedded PostgreSQL is started for the session in a temporary folder,
-so ``make test`` passes on a machine with nothing running.
+The server, in the order read: HEROKUPOOL_TEST_DSN; else DATABASE_URL (the only one Heroku CI
+sets); else an embedded PostgreSQL started for the session in a temporary folder (with its own
+password, see devtools.pgcluster), so ``make test`` passes on a machine with nothing running.
+The URL's user must be allowed to CREATE DATABASE: the suite creates ``herokupool_test`` (and
+Django's ``test_*`` databases) there, and drops the databases it created at the end of the
+session; a database that existed before the session is left alone.
 
 With HEROKUPOOL_REQUIRE_SERVICES=1 (as .ci/run sets) a test that would skip for a
 missing service (PostGIS, PgBouncer, ...) fails instead, and so does any other skip:
@@ -16,7 +19,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -51,6 +54,8 @@ class Server:
 
     url: str  # to the "postgres" database
     embedded: bool
+    #: Databases create_database() made in this session (not those that already existed).
+    created: list[str] = field(default_factory=list)
 
     def url_for(self, dbname: str) -> str:
         parts = urlsplit(self.url)
@@ -62,15 +67,30 @@ class Server:
         return conn
 
     def create_database(self, dbname: str) -> str:
+        """Create ``dbname`` unless it exists; it is dropped at the end of the session if this
+        created it. Returns its URL."""
         conn = self.connect()
         try:
             with conn.cursor() as cursor:
                 cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", [dbname])
                 if cursor.fetchone() is None:
                     cursor.execute(f'CREATE DATABASE "{dbname}"')
+                    self.created.append(dbname)
         finally:
             conn.close()
         return self.url_for(dbname)
+
+    def drop_created(self) -> None:
+        """Drop the databases this session created. FORCE: a pool of this process, or a
+        server process a test left behind, may still hold a connection to one."""
+        conn = self.connect()
+        try:
+            with conn.cursor() as cursor:
+                while self.created:
+                    name = self.created.pop()
+                    cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            conn.close()
 
     def has_extension(self, name: str) -> bool:
         conn = self.connect()
@@ -83,6 +103,7 @@ class Server:
 
 
 def _env_dsn() -> str | None:
+    """The test server's URL from the environment, in the documented order."""
     return os.environ.get("HEROKUPOOL_TEST_DSN") or os.environ.get("DATABASE_URL") or None
 
 
@@ -90,7 +111,11 @@ def _env_dsn() -> str | None:
 def pg_server() -> Iterator[Server]:
     dsn = _env_dsn()
     if dsn:
-        yield Server(url=urlunsplit(urlsplit(dsn)._replace(path="/postgres")), embedded=False)
+        server = Server(url=urlunsplit(urlsplit(dsn)._replace(path="/postgres")), embedded=False)
+        try:
+            yield server
+        finally:
+            server.drop_created()
         return
     from devtools.pgcluster import PostgresCluster, find_bindir
 

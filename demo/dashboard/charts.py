@@ -25,6 +25,7 @@ COUNTERS = (
     ("waits", "waits", "borrows that had to queue"),
     ("wait_time", "wait time", "seconds spent queueing, in total"),
     ("timeouts", "timeouts", "gave up waiting (PoolTimeout)"),
+    ("shed", "shed", "refused at once: POOL_MAX_WAITING were waiting"),
     ("connections_created", "created", "connections opened"),
     ("connections_failed", "failed", "connection attempts that failed"),
     ("connections_closed", "closed", "retired for age or idleness"),
@@ -33,6 +34,24 @@ COUNTERS = (
     ("validations", "validations", "health checks run on borrow"),
     ("leaks", "leaks", "held past POOL_LEAK_THRESHOLD"),
 )
+
+#: The recent window's figures (herokupool.metrics): percentiles count every borrow, 0 for
+#: one that got a connection at once.
+WINDOW_ROWS = (
+    ("wait_p50", "wait p50", "half of the borrows waited at most this long"),
+    ("wait_p95", "wait p95", "95% of the borrows waited at most this long"),
+    ("wait_p99", "wait p99", "99% of the borrows waited at most this long"),
+    ("wait_max", "wait max", "the longest wait"),
+    ("recent_borrows", "borrows", "connections lent out"),
+    ("recent_waits", "waits", "borrows that had to queue"),
+    ("recent_slow_waits", "slow waits", "queued 100 ms or longer"),
+    ("recent_timeouts", "timeouts", "gave up waiting"),
+    ("recent_shed", "shed", "refused by POOL_MAX_WAITING"),
+    ("peak_in_use", "peak in use", "most connections lent at once"),
+    ("peak_waiting", "peak waiting", "longest queue"),
+)
+#: Shown elsewhere (the card's title), not as a row.
+HIDDEN = frozenset({"recent_window"})
 
 #: Colours of the workers' bars, by order of first appearance in the chart.
 WORKER_COLOURS = ("#4f46e5", "#0891b2", "#7c3aed", "#0d9488", "#2563eb", "#9333ea")
@@ -53,26 +72,42 @@ class StatGroup:
     rows: list[StatRow]
 
 
-def _format(value: Any) -> str:
+def _format(value: Any, key: str = "") -> str:
+    if key.startswith("wait_p") or key == "wait_max":
+        return ms(value)
     if isinstance(value, float):
         return f"{value:.3f}"
     return str(value)
 
 
+def ms(seconds: Any) -> str:
+    """Seconds as milliseconds for people: "0 ms", "4.2 ms", "350 ms", "1,200 ms"."""
+    if seconds in ("", None):
+        return ""
+    value = float(seconds) * 1000.0
+    if value == 0:
+        return "0 ms"
+    return f"{value:.1f} ms" if value < 10 else f"{value:,.0f} ms"
+
+
 def stat_groups(pools: Mapping[str, Mapping[str, Any]]) -> list[StatGroup]:
-    """The stats table's sections: measures ("right now"), then counters."""
+    """The stats table's sections: measures ("right now"), the recent window, counters."""
     aliases = sorted(pools)
-    known = {key for key, _, _ in MEASURES + COUNTERS}
+    known = {key for key, _, _ in MEASURES + WINDOW_ROWS + COUNTERS} | HIDDEN
     extra = sorted({key for stats in pools.values() for key in stats} - known)
+    window = max((float(stats.get("recent_window", 60)) for stats in pools.values()), default=60)
 
     def rows(spec: Iterable[tuple[str, str, str]]) -> list[StatRow]:
         return [
-            StatRow(key, label, meaning, [_format(pools[alias].get(key, "")) for alias in aliases])
+            StatRow(
+                key, label, meaning, [_format(pools[alias].get(key, ""), key) for alias in aliases]
+            )
             for key, label, meaning in spec
         ]
 
     groups = [
         StatGroup("Right now", rows(MEASURES)),
+        StatGroup(f"Last {window:g} s", rows(WINDOW_ROWS)),
         StatGroup("Since this worker started", rows(COUNTERS)),
     ]
     if extra:

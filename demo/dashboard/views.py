@@ -23,6 +23,7 @@ from django.views.decorators.http import require_GET, require_POST, require_safe
 import herokupool
 from demo.dashboard import charts
 from demo.dashboard.models import Burst, Visit
+from herokupool import metrics
 
 #: Visits shown in the chart and listed (the newest few) on the page.
 RECENT = 60
@@ -81,6 +82,29 @@ def _snapshot(path: str, hold: float = 0.0) -> dict[str, Any]:
     }
 
 
+def _waits(current: dict[str, Any]) -> dict[str, Any]:
+    """The waits card: percentiles in ms, the advice the pool would log, its l2met line."""
+    if not current:
+        return {"waits": None, "advice": None, "metrics_line": None, "log_metrics": None}
+    return {
+        "waits": {
+            "window": current.get(metrics.RECENT_WINDOW, metrics.WINDOW),
+            "percentiles": [
+                (label, charts.ms(current.get(key, 0.0)))
+                for label, key in (
+                    ("p50", metrics.WAIT_P50),
+                    ("p95", metrics.WAIT_P95),
+                    ("p99", metrics.WAIT_P99),
+                    ("max", metrics.WAIT_MAX),
+                )
+            ],
+        },
+        "advice": metrics.advice(DEFAULT_DB_ALIAS, current),
+        "metrics_line": metrics.l2met_line(DEFAULT_DB_ALIAS, current),
+        "log_metrics": connections[DEFAULT_DB_ALIAS].settings_dict["OPTIONS"].get("LOG_METRICS"),
+    }
+
+
 def _process() -> dict[str, Any]:
     return {
         "dyno": os.environ.get("DYNO", "local"),
@@ -130,6 +154,7 @@ def index(request: HttpRequest) -> HttpResponse:
     context["stat_groups"] = charts.stat_groups(context["pools"])
     context["aliases"] = sorted(context["pools"])
     context["current"] = context["pools"].get(DEFAULT_DB_ALIAS, {})
+    context.update(_waits(context["current"]))
     context["chart"] = charts.recent_chart(recent)
     context["listed"] = recent[::-1][:LISTED]
     context["burst"] = {"factor": BURST_FACTOR, "rounds": BURST_ROUNDS, "hold": BURST_HOLD}

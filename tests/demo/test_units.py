@@ -80,14 +80,25 @@ def test_burst_chart_draws_closed_step_areas() -> None:
 
 
 def test_stat_groups_label_known_keys_and_keep_new_ones() -> None:
-    pools = {"default": {"in_use": 1, "wait_time": 0.5, "brand_new": 3}}
+    pools = {
+        "default": {"in_use": 1, "wait_time": 0.5, "brand_new": 3, "wait_p99": 0.35,
+                    "wait_p95": 0.0042, "wait_max": 1.25, "recent_window": 60.0, "shed": 2},
+    }  # fmt: skip
     groups = charts.stat_groups(pools)
-    assert [group.title for group in groups] == ["Right now", "Since this worker started", "Other"]
+    assert [group.title for group in groups] == [
+        "Right now", "Last 60 s", "Since this worker started", "Other",
+    ]  # fmt: skip
     rows = {row.key: row for group in groups for row in group.rows}
     assert rows["in_use"].values == ["1"]
     assert rows["wait_time"].values == ["0.500"]
     assert rows["brand_new"].values == ["3"]
     assert rows["timeouts"].values == [""]
+    assert rows["shed"].values == ["2"]
+    # Wait percentiles read in milliseconds; the window's length is the group's title.
+    assert rows["wait_p99"].values == ["350 ms"]
+    assert rows["wait_p95"].values == ["4.2 ms"]
+    assert rows["wait_max"].values == ["1,250 ms"]
+    assert "recent_window" not in rows
 
 
 def test_report_keeps_the_busiest_pool_and_the_workers() -> None:

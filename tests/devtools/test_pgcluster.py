@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import shutil
 import signal
 import socket
 import subprocess
@@ -14,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psycopg2
 import pytest
@@ -73,9 +75,11 @@ def both_bindirs() -> tuple[Path, Path]:
 # ----------------------------------------------------------------------------- lifecycle
 
 
-def test_dsn_names_loopback_port_and_database(shared: PostgresCluster) -> None:
-    assert shared.dsn() == f"postgresql://postgres@127.0.0.1:{shared.port}/postgres"
-    assert shared.dsn("my db") == f"postgresql://postgres@127.0.0.1:{shared.port}/my%20db"
+def test_dsn_names_loopback_port_password_and_database(shared: PostgresCluster) -> None:
+    password = shared.password
+    base = f"postgresql://postgres:{password}@127.0.0.1:{shared.port}"
+    assert shared.dsn() == f"{base}/postgres"
+    assert shared.dsn("my db") == f"{base}/my%20db"
     assert shared.port != pgcluster.RESERVED_PORT
     assert shared.is_running()
 
@@ -214,7 +218,11 @@ def test_long_datadir_gets_a_short_socket_dir(tmp_path: Path) -> None:
         assert socket_dir is not None
         assert len(str(socket_dir)) < 30
         conn = psycopg2.connect(
-            host=str(socket_dir), port=cluster.port, user="postgres", dbname="postgres"
+            host=str(socket_dir),
+            port=cluster.port,
+            user="postgres",
+            password=cluster.password,
+            dbname="postgres",
         )
         conn.close()
     assert not socket_dir.exists()
@@ -284,6 +292,161 @@ def test_start_without_init_says_so(tmp_path: Path) -> None:
 def test_stop_mode_is_checked(shared: PostgresCluster) -> None:
     with pytest.raises(ValueError, match="fast"):
         shared.stop("quick")
+
+
+# ----------------------------------------------------------------------------- authentication
+
+OTHER_USER = "nobody"
+
+
+def connect_without_password(**params: object) -> None:
+    """Connect as the superuser with no password from anywhere (no ~/.pgpass, no PGPASSWORD)."""
+    psycopg2.connect(user="postgres", dbname="postgres", connect_timeout=5, **params).close()
+
+
+@pytest.fixture
+def no_password_sources(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("PGPASSWORD", raising=False)
+    monkeypatch.setenv("PGPASSFILE", str(tmp_path / "no-such-pgpass"))
+
+
+@pytest.mark.usefixtures("no_password_sources")
+def test_the_superuser_needs_the_password_over_tcp_and_the_socket(
+    shared: PostgresCluster,
+) -> None:
+    with pytest.raises(psycopg2.OperationalError, match="no password supplied"):
+        connect_without_password(host="127.0.0.1", port=shared.port)
+    assert shared.socket_dir is not None
+    with pytest.raises(psycopg2.OperationalError, match="no password supplied"):
+        connect_without_password(host=str(shared.socket_dir), port=shared.port)
+    with pytest.raises(psycopg2.OperationalError, match="password authentication failed"):
+        connect_without_password(host="127.0.0.1", port=shared.port, password="guess")
+    hba = shared.psql(
+        "SELECT DISTINCT type || ' ' || auth_method FROM pg_hba_file_rules ORDER BY 1"
+    )
+    assert hba.splitlines() == ["host scram-sha-256", "local scram-sha-256"]
+    assert shared.psql("SELECT rolpassword LIKE 'SCRAM-SHA-256$%' FROM pg_authid "
+                       "WHERE rolname = 'postgres'") == "t"  # fmt: skip
+
+
+def test_each_datadir_has_its_own_private_password_file(
+    shared: PostgresCluster, tmp_path: Path
+) -> None:
+    path = shared.password_file
+    assert path.parent == shared.datadir
+    assert stat_mode(path) == 0o600
+    assert stat_mode(shared.datadir) == 0o700
+    assert path.read_text(encoding="ascii").strip() == shared.password
+    assert len(shared.password) >= 32
+    other = PostgresCluster(tmp_path / "other", bindir=shared.bindir)
+    other.init()
+    assert other.password != shared.password
+    assert backend_pid(shared.dsn()) > 0
+
+
+def stat_mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def as_other_user(
+    command: list[str], env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``command`` as OTHER_USER with no supplementary groups (this process is root)."""
+    return subprocess.run(
+        ["setpriv", f"--reuid={OTHER_USER}", f"--regid={pwd.getpwnam(OTHER_USER).pw_gid}",
+         "--clear-groups", "--", *command],
+        env={"PATH": "/usr/bin:/bin", "PGCONNECT_TIMEOUT": "5", **(env or {})},
+        cwd="/", capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+def test_another_os_user_cannot_connect_or_read_the_password(shared: PostgresCluster) -> None:
+    """Issue 10, item 6: any account on the machine used to be a superuser (trust)."""
+    from tests.conftest import require
+
+    require(os.geteuid() == 0 and shutil.which("setpriv") is not None,
+            "root and setpriv (to run a client as another OS user)")  # fmt: skip
+    psql = str(shared.bindir / "psql")
+    assert shared.socket_dir is not None
+    tcp = ["-h", "127.0.0.1", "-p", str(shared.port)]
+    unix = ["-h", str(shared.socket_dir), "-p", str(shared.port)]
+    query = ["-U", "postgres", "-d", "postgres", "-w", "-X", "-At", "-c", "SELECT 'in'"]
+
+    # The control: the same command, as the same user, gets in when it knows the password.
+    control = as_other_user([psql, *tcp, *query], env={"PGPASSWORD": shared.password})
+    assert (control.returncode, control.stdout.strip()) == (0, "in"), control.stderr
+
+    over_tcp = as_other_user([psql, *tcp, *query])
+    assert over_tcp.returncode != 0, over_tcp.stdout
+    assert "no password supplied" in over_tcp.stderr
+    over_socket = as_other_user([psql, *unix, *query])
+    assert over_socket.returncode != 0, over_socket.stdout
+    assert "Permission denied" in over_socket.stderr or "no password" in over_socket.stderr
+    read = as_other_user(["cat", str(shared.password_file)])
+    assert read.returncode != 0
+    assert shared.password not in read.stdout
+
+
+def make_trusting(datadir: Path) -> None:
+    """What a data directory made before passwords looks like: trust, no password file."""
+    hba = datadir / "pg_hba.conf"
+    text = hba.read_text(encoding="utf-8").replace("scram-sha-256", "trust")
+    hba.write_text(text, encoding="utf-8")
+    (datadir / pgcluster.PASSWORD_FILE).unlink()
+
+
+@pytest.mark.usefixtures("no_password_sources")
+def test_an_old_trusting_datadir_is_upgraded_at_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cluster = PostgresCluster(tmp_path / "data")
+    cluster.init()
+    cluster.start()
+    cluster.psql("CREATE TABLE kept (value int); INSERT INTO kept VALUES (7)")
+    old_password = cluster.password
+    cluster.stop()
+    make_trusting(cluster.datadir)
+
+    with caplog.at_level("WARNING", logger="devtools.pgcluster"):
+        cluster.start()
+    try:
+        assert "trust" in caplog.text
+        assert "scram-sha-256" in caplog.text
+        assert cluster.password not in caplog.text
+        assert cluster.password != old_password
+        assert stat_mode(cluster.password_file) == 0o600
+        with pytest.raises(psycopg2.OperationalError, match="no password supplied"):
+            connect_without_password(host="127.0.0.1", port=cluster.port)
+        assert cluster.psql("SELECT value FROM kept") == "7"
+        assert "trust" not in cluster.psql("SELECT auth_method FROM pg_hba_file_rules")
+    finally:
+        cluster.destroy()
+
+
+def test_a_running_trusting_server_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    cluster = PostgresCluster(tmp_path / "data")
+    cluster.init()
+    cluster.start()
+    try:
+        make_trusting(cluster.datadir)
+        cluster.stop()
+        # Started by something else (an older pgcluster): it trusts every local user.
+        returncode, output = cluster._run(
+            [cluster.bindir / "pg_ctl", "start", "-D", cluster.datadir, "-l", cluster.logfile,
+             "-w"], timeout=60, what="pg_ctl start",
+        )  # fmt: skip
+        assert returncode == 0, output
+        with pytest.raises(PostgresClusterError, match=r"trust.*devtools\.pgcluster stop"):
+            PostgresCluster(cluster.datadir, bindir=cluster.bindir).start()
+    finally:
+        cluster.destroy()
+
+
+def test_a_failing_psql_does_not_show_the_password(shared: PostgresCluster) -> None:
+    with pytest.raises(PostgresClusterError) as info:
+        shared.psql("SELECT * FROM missing")
+    assert shared.password not in str(info.value)
+    assert f"127.0.0.1:{shared.port}/postgres" in str(info.value)
 
 
 # ----------------------------------------------------------------------------- clients
@@ -434,10 +597,14 @@ def test_cli_run_exports_database_url_and_stops_afterwards(tmp_path: Path) -> No
         stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 3, stderr
     url = stdout.strip().removeprefix("child saw ")
-    assert url.startswith("postgresql://postgres@127.0.0.1:")
-    assert url.endswith("/herokupool")
-    assert f"DATABASE_URL={url}" in stderr
     cluster = PostgresCluster(datadir)
+    assert (
+        url == f"postgresql://postgres:{cluster.password}@127.0.0.1:{urlsplit(url).port}/herokupool"
+    )
+    # The log line names the URL and where the password is, never the password itself.
+    assert f"DATABASE_URL={url.replace(cluster.password, '********')}" in stderr
+    assert cluster.password not in stderr
+    assert str(cluster.password_file) in stderr
     assert not cluster.is_running()
     assert (datadir / "PG_VERSION").exists()  # kept for the next run
     cluster.destroy()
@@ -481,10 +648,20 @@ def test_cli_start_and_stop(tmp_path: Path) -> None:
     with cli("start", "--datadir", str(datadir)) as proc:
         stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr
-    url = stdout.strip().removeprefix("DATABASE_URL=")
+    printed = dict(line.split("=", 1) for line in stdout.splitlines())
+    password = Path(printed["PASSWORD_FILE"]).read_text().strip()
+    assert password
+    assert password not in stdout + stderr, "the password is never printed"
+    url = urlsplit(printed["DATABASE_URL"])
+    cluster = PostgresCluster(datadir, port=url.port)
     try:
-        psycopg2.connect(url).close()
-        cluster = PostgresCluster(datadir)
+        psycopg2.connect(
+            host=url.hostname,
+            port=url.port,
+            user=url.username,
+            password=password,
+            dbname=url.path.lstrip("/"),
+        ).close()
         assert cluster.is_running()
     finally:
         with cli("stop", "--datadir", str(datadir)) as proc:

@@ -77,19 +77,15 @@ MakeCluster = Callable[..., Any]
 
 @pytest.fixture
 def make_cluster(template_datadir: Path, tmp_path: Path) -> Iterator[MakeCluster]:
-    """``make_cluster(hba=None, **extra_conf)`` -> this test's own running server.
-
-    ``hba`` replaces pg_hba.conf before the first start.
-    """
+    """``make_cluster(**extra_conf)`` -> this test's own running server (a copy of the
+    template, so it has the template's password: ``cluster.dsn()`` carries it)."""
     from devtools.pgcluster import PostgresCluster
 
     made: list[Any] = []
 
-    def make(hba: str | None = None, **extra_conf: str) -> Any:
+    def make(**extra_conf: str) -> Any:
         datadir = tmp_path / f"pg{len(made)}"
         shutil.copytree(template_datadir, datadir, symlinks=True)
-        if hba is not None:
-            (datadir / "pg_hba.conf").write_text(hba, encoding="utf-8")
         # harness.ready_at() reads the log's timestamps as UTC.
         extra_conf.setdefault("log_timezone", "UTC")
         cluster = PostgresCluster(datadir, bindir=_bindir(), extra_conf=extra_conf)

@@ -53,7 +53,7 @@ _SCRUBBED = frozenset({"DATABASE_URL", "DYNO", "PORT", "WEB_CONCURRENCY"})
 
 
 def connect(cluster: Any, dbname: str = APP_DB) -> Any:
-    """An autocommit superuser connection to ``cluster`` (trust auth for postgres)."""
+    """An autocommit superuser connection to ``cluster`` (its dsn() carries the password)."""
     conn = psycopg2.connect(cluster.dsn(dbname), connect_timeout=5)
     conn.autocommit = True
     return conn

@@ -436,14 +436,8 @@ def test_full_server_refuses_clearly_and_recovers(
 
 
 APP_USER = "app"
-# Trust for the superuser (the test's observer), passwords for everyone else.
-HBA = f"""\
-local all all trust
-host all postgres 127.0.0.1/32 trust
-host all postgres ::1/128 trust
-host all {APP_USER} 127.0.0.1/32 scram-sha-256
-host all {APP_USER} ::1/128 scram-sha-256
-"""
+# pgcluster's pg_hba.conf asks every user for a scram-sha-256 password: the superuser (the
+# test's observer) gives the cluster's, the app its own.
 AUTH_FAILED = re.compile(r'password authentication failed for user "app"')
 
 
@@ -458,7 +452,7 @@ def test_credential_rotation(
     fails with an authentication error that names the user, never the password; the app
     restarted with the new URL serves again.
     """
-    cluster = make_cluster(hba=HBA)
+    cluster = make_cluster()
     old_password = "old-" + secrets.token_hex(12)
     new_password = "new-" + secrets.token_hex(12)
     query(

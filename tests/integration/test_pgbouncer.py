@@ -88,6 +88,8 @@ def start_bouncer(pg_server: Server) -> PgBouncer:
         pool_mode="transaction",
         default_pool_size=POOL_SIZE,
         max_client_conn=100,
+        users=(parts.username or "postgres",),
+        password=parts.password,
     )
     bouncer.start()
     return bouncer
@@ -504,7 +506,13 @@ def test_an_isolation_level_option_never_leaks_to_other_pgbouncer_clients(
 
     parts = urlsplit(pg_server.url)
     # One server connection: every client of this PgBouncer shares it.
-    own = PgBouncer(parts.hostname or "127.0.0.1", parts.port or 5432, default_pool_size=1)
+    own = PgBouncer(
+        parts.hostname or "127.0.0.1",
+        parts.port or 5432,
+        default_pool_size=1,
+        users=(parts.username or "postgres",),
+        password=parts.password,
+    )
     own.start()
     other = None
     try:

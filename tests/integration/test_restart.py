@@ -421,14 +421,17 @@ def test_d_the_request_in_flight_at_a_restart_fails_and_its_connection_is_droppe
     assert isinstance(failed[0], OperationalError)
     assert re.search(r"terminating connection|server closed the connection", str(failed[0]))
     stats = herokupool.stats()[alias]
-    # The broken connection was dropped on release, and the idle one from before, dead too,
-    # was swept by its readable socket.
-    assert stats["connections_lost"] == 2
+    # The broken connection was dropped on release. The idle one from before, dead too, is
+    # swept by its readable socket then, or, when the server's FIN reaches it a moment
+    # after, found dead by the next borrow: never handed out either way.
+    assert stats["connections_lost"] >= 1
     assert stats["connections_discarded"] == 0
-    assert stats["in_use"] == stats["idle"] == 0
+    assert stats["in_use"] == 0
     _, pid = request(make_wrapper, url, **options)
     assert pid not in old
     assert server_pids(cluster, app_name) == {pid}
+    stats = herokupool.stats()[alias]
+    assert (stats["connections_lost"], stats["idle"]) == (2, 1)
 
 
 def _running_sleep(cluster: Any, pid: int) -> bool:
