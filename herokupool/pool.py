@@ -94,6 +94,8 @@ _MIN_QUERY_TIME = 0.1
 # Thread names of executors whose threads never end, so never give back a connection
 # they did not close: concurrent.futures' default and asyncio's default executor (which
 # asgiref's sync_to_async(thread_sensitive=False) uses).
+# Seconds between the background thread's checks of idle connections when min_conns > 0.
+_MIN_CONNS_CHECK = 1.0
 _EXECUTOR_THREAD_PREFIXES = ("ThreadPoolExecutor", "asyncio_")
 
 
@@ -674,15 +676,16 @@ class ConnectionPool:
                 return
         _close_quietly(conn)
 
-    def release_later(self, conn: Any) -> None:
-        """Have the pool's own thread release ``conn`` soon.
+    def release_later(self, conn: Any, *, cleanup: str | None = None) -> None:
+        """Have the pool's own thread release ``conn`` soon (with ``cleanup``, as
+        :meth:`release`).
 
         For code that must not block or take a lock: a garbage-collector finalizer or a
         weakref callback runs in whichever thread triggered it, possibly one inside
         this pool's lock.  Never raises; a connection this pool does not know is
         ignored when its turn comes.
         """
-        self._tasks.put(conn)
+        self._tasks.put((conn, cleanup))
 
     def discard(self, conn: Any) -> None:
         """Give back a borrowed connection that must not be reused: close it."""
@@ -826,6 +829,10 @@ class ConnectionPool:
                     keep.append(entry)
             self._idle = keep
             self._counters[CONNECTIONS_CLOSED] += len(expired)
+            # Idle connections the server ended meanwhile (pg_terminate_backend,
+            # idle_session_timeout): a zero-timeout poll each, so _fill() below replaces
+            # them now rather than at the next borrow.
+            dead = self._sweep_idle()
             leaks = []
             if self.leak_threshold is not None:
                 for entry in self._in_use.values():
@@ -833,10 +840,12 @@ class ConnectionPool:
                         leaks.append((now - entry.borrowed_at, entry.stack))
                         entry.stack = None  # report each borrow once
                 self._counters[LEAKS] += len(leaks)
-        for entry in expired:
+        for entry in (*expired, *dead):
             _close_quietly(entry.conn)
         if expired:
             logger.info("pool %r: closed %d expired idle connection(s)", self.name, len(expired))
+        if dead:
+            logger.warning("pool %r: %d idle connection(s) found dead", self.name, len(dead))
         for held, stack in leaks:
             logger.warning(
                 "pool %r: a connection has been borrowed for %.1f s (leak_threshold %.1f s); "
@@ -862,9 +871,9 @@ class ConnectionPool:
         if task is _FILL:
             self._fill()
         elif task is not _STOP:
-            self._release_orphan(task)
+            self._release_orphan(*task)
 
-    def _release_orphan(self, conn: Any) -> None:
+    def _release_orphan(self, conn: Any, cleanup: str | None) -> None:
         if self._in_use.get(id(conn)) is None:
             return  # released meanwhile, or never ours
         logger.warning(
@@ -872,7 +881,7 @@ class ConnectionPool:
             self.name,
         )
         try:
-            self.release(conn)
+            self.release(conn, cleanup=cleanup)
         except Exception:
             logger.exception("pool %r: could not take back a connection", self.name)
 
@@ -923,7 +932,10 @@ class ConnectionPool:
             if period is not None
         ]
         periods.append(self._reporter.interval())
-        return min(max(min(periods, default=60.0) / 4, 0.05), 30.0)
+        interval = min(max(min(periods, default=60.0) / 4, 0.05), 30.0)
+        # With MIN_CONNS, a connection the server ends while idle is noticed (by a poll,
+        # no round trip) and replaced within a second.
+        return min(interval, _MIN_CONNS_CHECK) if self.min_conns else interval
 
     def _after_fork_in_child(self) -> None:
         """Forget everything inherited from the parent, closing nothing."""

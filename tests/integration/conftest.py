@@ -8,8 +8,12 @@ machinery.  Wrappers are per thread, as in Django: call it in each thread.
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
+import signal
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -23,6 +27,7 @@ from herokupool import registry
 pytestmark = pytest.mark.integration
 
 MakeWrapper = Callable[..., BaseDatabaseWrapper]
+MakeCluster = Callable[..., Any]
 
 
 def settings_for(
@@ -102,3 +107,46 @@ def _allow_database_access(
         return
     with django_db_blocker.unblock():
         yield
+
+
+# ------------------------------------------------ private servers (restart, freeze, fill)
+
+
+@pytest.fixture(scope="module")
+def template_datadir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One initdb for the module; each test copies it (a fraction of initdb's second)."""
+    from devtools.pgcluster import PostgresCluster, find_bindir
+
+    datadir = tmp_path_factory.mktemp("pgtemplate") / "data"
+    PostgresCluster(datadir, bindir=find_bindir("embedded")).init()
+    return datadir
+
+
+@pytest.fixture
+def make_cluster(template_datadir: Path, tmp_path: Path) -> Iterator[MakeCluster]:
+    """``make_cluster(**extra_conf)`` -> this test's own running server."""
+    from devtools.pgcluster import PostgresCluster, find_bindir
+
+    made: list[Any] = []
+
+    def make(**extra_conf: str) -> Any:
+        datadir = tmp_path / f"pg{len(made)}"
+        shutil.copytree(template_datadir, datadir, symlinks=True)
+        cluster = PostgresCluster(datadir, bindir=find_bindir("embedded"), extra_conf=extra_conf)
+        made.append(cluster)
+        cluster.start()
+        return cluster
+
+    yield make
+    for cluster in made:
+        resume(cluster)  # a frozen postmaster cannot be stopped
+        cluster.destroy()
+
+
+def postmaster_pid(cluster: Any) -> int:
+    return int((cluster.datadir / "postmaster.pid").read_text(encoding="utf-8").split()[0])
+
+
+def resume(cluster: Any) -> None:
+    if cluster.is_running():
+        os.kill(postmaster_pid(cluster), signal.SIGCONT)

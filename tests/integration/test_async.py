@@ -286,6 +286,6 @@ def test_a_thread_that_dies_without_closing_gives_its_connection_back(
     assert pids_of(admin, app_name) == {server_pid}, "kept open in the pool, not closed"
     assert Item.objects.filter(name="from a thread").count() == 1  # MAX_CONNS=1: reused
     assert pid_and_sleep(0) == server_pid
-    assert any(
-        "thread ended without closing it" in record.getMessage() for record in caplog.records
-    ), caplog.text
+    assert any("ended without releasing it" in record.getMessage() for record in caplog.records), (
+        caplog.text
+    )

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import psycopg2
@@ -24,7 +22,7 @@ from django.db import OperationalError
 
 import herokupool
 from herokupool.errors import PoolTimeout
-from tests.integration.conftest import MakeWrapper, backend_pid
+from tests.integration.conftest import MakeCluster, MakeWrapper, backend_pid, postmaster_pid
 
 pytestmark = pytest.mark.integration
 
@@ -33,39 +31,6 @@ pytestmark = pytest.mark.integration
 SLACK = 2.0
 # From the server accepting connections again to the first request served.
 RECOVERY_TARGET = 1.0
-
-MakeCluster = Callable[..., Any]
-
-
-@pytest.fixture(scope="module")
-def template_datadir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One initdb for the module; each test copies it (a fraction of initdb's second)."""
-    from devtools.pgcluster import PostgresCluster, find_bindir
-
-    datadir = tmp_path_factory.mktemp("pgtemplate") / "data"
-    PostgresCluster(datadir, bindir=find_bindir("embedded")).init()
-    return datadir
-
-
-@pytest.fixture
-def make_cluster(template_datadir: Path, tmp_path: Path) -> Iterator[MakeCluster]:
-    """``make_cluster(**extra_conf)`` -> this test's own running server."""
-    from devtools.pgcluster import PostgresCluster, find_bindir
-
-    made: list[Any] = []
-
-    def make(**extra_conf: str) -> Any:
-        datadir = tmp_path / f"pg{len(made)}"
-        shutil.copytree(template_datadir, datadir, symlinks=True)
-        cluster = PostgresCluster(datadir, bindir=find_bindir("embedded"), extra_conf=extra_conf)
-        made.append(cluster)
-        cluster.start()
-        return cluster
-
-    yield make
-    for cluster in made:
-        _resume(cluster)  # a frozen postmaster cannot be stopped
-        cluster.destroy()
 
 
 def connect(cluster: Any) -> Any:
@@ -86,15 +51,6 @@ def server_pids(cluster: Any, app_name: str) -> set[int]:
             return {row[0] for row in cursor.fetchall()}
     finally:
         conn.close()
-
-
-def postmaster_pid(cluster: Any) -> int:
-    return int((cluster.datadir / "postmaster.pid").read_text(encoding="utf-8").split()[0])
-
-
-def _resume(cluster: Any) -> None:
-    if cluster.is_running():
-        os.kill(postmaster_pid(cluster), signal.SIGCONT)
 
 
 def request(make_wrapper: MakeWrapper, url: str, **options: Any) -> tuple[float, int]:

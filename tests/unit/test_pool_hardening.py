@@ -427,3 +427,27 @@ def test_close_releases_what_release_later_was_given() -> None:
     pool.close()
     assert isinstance(conn, FakeConnection)
     assert conn.closed
+
+
+def test_release_later_runs_the_cleanup_it_was_given() -> None:
+    pool = make_pool()
+    conn = pool.borrow()
+    pool.release_later(conn, cleanup="CLOSE ALL")
+    pool.run_maintenance()
+    assert conn.executed == ["CLOSE ALL"]
+    stats = assert_exact(pool)
+    assert stats["idle"] == 1
+
+
+def test_maintenance_replaces_idle_connections_the_server_ended() -> None:
+    driver = FakeDriver()
+    pool = make_pool(driver, min_conns=2, max_conns=2)
+    pool.run_maintenance()
+    first, second = driver.opened
+    second.kill()  # pg_terminate_backend / idle_session_timeout while idle
+    pool.run_maintenance()
+    assert second.closed
+    assert not first.closed
+    assert len(driver.opened) == 3
+    stats = assert_exact(pool)
+    assert (stats["idle"], stats["connections_lost"]) == (2, 1)

@@ -7,19 +7,26 @@ and connection parameters, created on first use.
 
 Django runs ``connect()`` on every borrow: it re-applies autocommit, the isolation
 level, the time zone and the role, and sends ``connection_created`` each time.
+
+A borrowed connection is recorded in a :class:`_Loan` held by the wrapper.  Two things
+watch it, so that a connection whose borrower is gone comes back without anyone calling
+``close()``: the borrowing thread's end (deterministic, see :func:`_thread_loans`) and,
+as a fallback, the wrapper's garbage collection.  Both hand the connection to
+``pool.release_later()``, which takes no lock and does no I/O: they run inside a dying
+thread or a garbage collection, possibly while that thread holds the pool's lock.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import math
+import threading
 import weakref
 from typing import TYPE_CHECKING, Any
 
 import psycopg2
 import psycopg2.extensions
 import psycopg2.extras
+from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.db.backends.base.base import NO_DB_ALIAS
 from django.db.backends.postgresql.psycopg_any import IsolationLevel, is_psycopg3
@@ -44,7 +51,26 @@ else:
 
 __all__ = ["PooledDatabaseWrapperMixin"]
 
-logger = logging.getLogger("herokupool.backend")
+#: libpq TCP settings the backend adds unless OPTIONS (or the URL) set them.  A borrower
+#: waiting on a query whose network path died silently (a NAT or proxy that dropped the
+#: flow, a failed-over host: no FIN, no RST) would otherwise wait for the kernel's
+#: defaults: about two hours of idle before the first keepalive, ~15 minutes of
+#: retransmissions for unacknowledged data.  With these, such a connection fails within
+#: about a minute (30 s idle + 3 probes 10 s apart; or 60 s of unacknowledged data), which
+#: frees its pool slot.  A live server answers keepalives from its kernel, so a long query
+#: is never cut.  libpq ignores them on Unix-domain sockets.
+KEEPALIVE_DEFAULTS: dict[str, int] = {
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 60_000,  # milliseconds
+}
+
+#: Run on release after a borrow that opened a server-side cursor (QuerySet.iterator(),
+#: chunked_cursor()): Django declares them WITH HOLD in autocommit, so they outlive the
+#: request on the pooled session.
+CLOSE_CURSORS = "CLOSE ALL"
 
 
 def _open(params: dict[str, Any]) -> Any:
@@ -64,15 +90,18 @@ class PooledDatabaseWrapperMixin(_Base):
 
     _herokupool_unusable = False  # set while close() drops a connection a health check failed
     _herokupool_last: tuple[dict[str, Any], dict[str, Any], ConnectionPool] | None = None
-    # [pool, conn] while a connection is borrowed, else empty; watched for the wrapper's
+    # This wrapper's loan record, made at its first borrow and watched for the wrapper's
     # whole life by one finalizer (see _guard_against_orphans).
-    _herokupool_held: list[Any] | None = None
+    _herokupool_loan: _Loan | None = None
 
     @property
     def _herokupool_pool(self) -> ConnectionPool | None:
         """The pool ``self.connection`` was borrowed from, while it is borrowed."""
-        held = self._herokupool_held
-        return held[0] if held else None
+        loan = self._herokupool_loan
+        if loan is None:
+            return None
+        held = loan.held
+        return held[0][0] if held else None
 
     @property
     def _pooled(self) -> bool:
@@ -109,10 +138,18 @@ class PooledDatabaseWrapperMixin(_Base):
                 ) from None
         pool = self._pool_for(conn_params)
         conn = pool.borrow()
-        held = self._herokupool_held
-        if held is None:
-            held = self._herokupool_held = _guard_against_orphans(self)
-        held[:] = (pool, conn)
+        loan = self._herokupool_loan
+        if loan is None:
+            loan = self._herokupool_loan = _guard_against_orphans(self)
+        loan.held.append((pool, conn))
+        if loan.loans is None and not self._thread_sharing_count:  # type: ignore[attr-defined]
+            # Watched by this thread's end from now on (a wrapper belongs to one thread, so
+            # once per wrapper, not per borrow).  A wrapper shared between threads
+            # (LiveServerTestCase, inc_thread_sharing) is not: one of its threads ending
+            # says nothing about the others still using it.
+            loans = _thread_loans()
+            loans[id(loan)] = loan
+            loan.loans = loans
         self.isolation_level = isolation_level
         if level is not None:
             # Outside autocommit, as on Django's fresh connections: psycopg2 then sends the
@@ -153,26 +190,68 @@ class PooledDatabaseWrapperMixin(_Base):
         params = dict(conn_params)
         # Bound the time a borrower can spend connecting to an unreachable server.
         params.setdefault("connect_timeout", max(2, math.ceil(kwargs["timeout"])))
+        # And the time a dead network path can hold a slot (see KEEPALIVE_DEFAULTS); the
+        # user's own values, from OPTIONS or the URL, are already in params and win.
+        for key, value in KEEPALIVE_DEFAULTS.items():
+            if key == "tcp_user_timeout" and psycopg2.extensions.libpq_version() < 120000:
+                continue  # libpq < 12 refuses the keyword: every connect would fail
+            params.setdefault(key, value)
         # with_ssl_hint: a server without SSL says herokupool required it because of DYNO.
         connect = with_ssl_hint(lambda: _open(params), self.settings_dict)
         return ConnectionPool(connect, name=self.alias, **kwargs)
 
+    def create_cursor(self, name: str | None = None) -> Any:
+        loan = self._herokupool_loan
+        if not name or loan is None or not loan.held:
+            return super().create_cursor(name)
+        # As Django's create_cursor() on psycopg2 (the mixin refuses psycopg 3), with a
+        # cursor class that knows when its loan has ended.  In autocommit Django declares
+        # the cursor WITH HOLD: it outlives the request, so release closes it (CLOSE ALL).
+        cursor = self.connection.cursor(
+            name,
+            scrollable=False,
+            withhold=self.connection.autocommit,
+            cursor_factory=_ServerSideCursor,
+        )
+        cursor.tzinfo_factory = self.tzinfo_factory if settings.USE_TZ else None
+        if loan.cursors is None:
+            loan.cursors = []
+        loan.cursors.append(weakref.ref(cursor))
+        return cursor
+
     def _close(self) -> None:
-        pool = self._herokupool_pool
-        if self._herokupool_held:
-            self._herokupool_held.clear()  # returned below: the orphan guard has nothing left
-        if self.connection is None or pool is None:
+        loan = self._herokupool_loan
+        try:
+            # Atomic: the thread's end or the wrapper's collection may race for it.
+            pool, conn = loan.held.pop()  # type: ignore[union-attr]
+        except (IndexError, AttributeError):  # nothing borrowed (AttributeError: no loan yet)
             super()._close()  # type: ignore[misc]
             return
-        conn = self.connection
-        # Never leave the wrapper holding a connection another thread may now have
-        # (close() keeps it inside an atomic block).
-        self.connection = None
+        assert loan is not None
+        # Never leave the wrapper holding a connection another thread may now have.
+        # Inside an atomic block Django keeps self.connection after close() until the
+        # block ends: a stand-in that fails as a closed psycopg2 connection does, so the
+        # next query raises InterfaceError("connection already closed") as with Django's
+        # own backend (not ProgrammingError from a reconnect attempt).
+        self.connection = _CLOSED if self.in_atomic_block else None
+        cleanup = None
+        if loan.cursors is not None:
+            # Mark this loan's cursors ended before the connection can reach anyone else:
+            # a generator finalised later closes its cursor, which must not send CLOSE
+            # into the next borrower's session (the pool's CLOSE ALL already closed it).
+            for ref in loan.cursors:
+                cursor = ref()
+                if cursor is not None:
+                    cursor.released = True
+            loan.cursors = None
+            cleanup = CLOSE_CURSORS
         with self.wrap_database_errors:
             if self._herokupool_unusable:
                 pool.discard(conn)
-            else:
+            elif cleanup is None:
                 pool.release(conn)
+            else:
+                pool.release(conn, cleanup=cleanup)
 
     def close_pool(self) -> None:
         """Close every pool of this alias in this process.
@@ -205,32 +284,163 @@ class PooledDatabaseWrapperMixin(_Base):
         self.health_check_done = True
 
 
-def _guard_against_orphans(wrapper: PooledDatabaseWrapperMixin) -> list[Any]:
-    """Return a holder for ``[pool, conn]`` whose connection goes back to its pool if
+class _Loan:
+    """One wrapper's record of its borrowed connection, reused for each borrow.
+
+    ``held`` is ``[(pool, conn)]`` while a connection is borrowed, else empty.  It is a
+    list so that whoever gives the connection back (``close()``, the thread's end, the
+    wrapper's collection: possibly in different threads at once) takes it with one
+    ``list.pop()``, which is atomic: exactly one of them returns it.
+    """
+
+    __slots__ = ("cursors", "held", "loans", "wrapper")
+
+    def __init__(self, wrapper: PooledDatabaseWrapperMixin) -> None:
+        self.held: list[tuple[ConnectionPool, Any]] = []
+        # Weak references to the server-side cursors opened during this borrow, or None.
+        self.cursors: list[weakref.ReferenceType[_ServerSideCursor]] | None = None
+        # The borrowing thread's loans (see _thread_loans), while registered there.
+        self.loans: dict[int, _Loan] | None = None
+        # Weak: the finalizer watching the wrapper keeps this record alive.
+        self.wrapper = weakref.ref(wrapper)
+
+
+def _take(loan: _Loan) -> tuple[ConnectionPool, Any] | None:
+    """Take the borrowed connection out of ``loan``, if it still holds one."""
+    try:
+        return loan.held.pop()
+    except IndexError:
+        return None
+
+
+class _ThreadEnd:
+    """Lives in one thread's ``threading.local()`` only, so it dies when the thread's
+    locals are cleared as the thread ends (under gevent's patching: as the greenlet ends),
+    without waiting for a garbage collection."""
+
+    __slots__ = ("__weakref__",)
+
+
+_thread = threading.local()
+
+
+def _thread_loans() -> dict[int, _Loan]:
+    """This thread's loans, ``{id(loan): loan}``; given back when the thread ends."""
+    try:
+        loans: dict[int, _Loan] = _thread.loans
+    except AttributeError:
+        loans = _thread.loans = {}
+        end = _thread.end = _ThreadEnd()
+        finalizer = weakref.finalize(end, _thread_ended, loans)
+        finalizer.atexit = False  # at interpreter exit there is nobody left to serve
+    return loans
+
+
+def _thread_ended(loans: dict[int, _Loan]) -> None:
+    # Runs in the ending thread, during its clean-up: no lock, no logging (logging would
+    # create a _DummyThread for a thread threading has already forgotten), no I/O.
+    for loan in list(loans.values()):
+        _reclaim(loan)
+    loans.clear()
+
+
+def _guard_against_orphans(wrapper: PooledDatabaseWrapperMixin) -> _Loan:
+    """Return the loan record of ``wrapper``, whose connection goes back to its pool if
     ``wrapper`` is garbage-collected while holding one.
 
-    Django's wrappers live in thread-local storage: a thread that ends without closing
-    its connection (a worker thread outside the request cycle that never calls
-    close_old_connections) drops its wrapper.  Django's own backend then closes the
-    socket; without this the pooled connection would stay borrowed for good.  One
-    finalizer per wrapper, not per borrow: borrowing only fills the holder.
+    The fallback to the thread's end: it covers a wrapper dropped by a thread that lives
+    on, and one borrowed while shared between threads.  One finalizer per wrapper, not per
+    borrow: borrowing only fills the record.
     """
-    held: list[Any] = []
-    guard = weakref.finalize(wrapper, _release_orphan, held)
+    loan = _Loan(wrapper)
+    guard = weakref.finalize(wrapper, _reclaim, loan)
     guard.atexit = False  # at interpreter exit there is nobody left to serve
-    return held
+    return loan
 
 
-def _release_orphan(held: list[Any]) -> None:
-    if not held:
+def _reclaim(loan: _Loan) -> None:
+    """Give back the connection of a borrower that is gone (its thread ended, or its
+    wrapper was collected).
+
+    Runs in a dying thread or inside a garbage collection, possibly in a thread that
+    holds the pool's lock: it must not block, take a lock, log or do I/O, so the
+    connection goes to ``release_later()``.
+    """
+    # The wrapper or its thread is gone: either way no thread watches this loan any more.
+    loans = loan.loans
+    if loans is not None:
+        loan.loans = None
+        loans.pop(id(loan), None)  # dict.pop: atomic, no lock
+    wrapper = loan.wrapper()
+    # The count, not allow_thread_sharing: that property takes a lock.
+    if wrapper is not None and wrapper._thread_sharing_count:  # type: ignore[attr-defined]
+        return  # shared between threads: another one may be using it right now
+    taken = _take(loan)
+    if taken is None:
         return
-    pool, conn = held
-    held.clear()
-    logger.warning(
-        "pool %r: took back a connection whose thread ended without closing it", pool.name
-    )
-    with contextlib.suppress(Exception):
-        pool.release(conn)
+    pool, conn = taken
+    if wrapper is not None:
+        # The wrapper must never use (or close) a connection the pool may lend again.
+        wrapper.connection = None
+    cleanup = None
+    if loan.cursors is not None:
+        for ref in loan.cursors:
+            cursor = ref()
+            if cursor is not None:
+                cursor.released = True
+        loan.cursors = None
+        cleanup = CLOSE_CURSORS  # a thread ended mid-iteration: its cursor must go too
+    pool.release_later(conn, cleanup=cleanup)  # the pool's thread releases it, with a warning
+
+
+class _ServerSideCursor(psycopg2.extensions.cursor):
+    """psycopg2's named cursor, inert once its borrow has ended.
+
+    Django's ``QuerySet.iterator()`` closes its cursor when the generator is finalised,
+    which may be after the connection went back to the pool and on to another borrower:
+    a CLOSE (or FETCH) then would run in that borrower's session, fail there and abort
+    its transaction.  After release such calls touch nothing.
+    """
+
+    released = False
+
+    def close(self) -> None:
+        if not self.released:
+            super().close()
+
+    def _check(self) -> None:
+        if self.released:
+            raise psycopg2.InterfaceError("cursor already closed")
+
+    def execute(self, *args: Any, **kwargs: Any) -> None:
+        self._check()
+        super().execute(*args, **kwargs)
+
+    def fetchone(self) -> Any:
+        self._check()
+        return super().fetchone()
+
+    def fetchmany(self, *args: Any, **kwargs: Any) -> Any:
+        self._check()
+        return super().fetchmany(*args, **kwargs)
+
+    def fetchall(self) -> Any:
+        self._check()
+        return super().fetchall()
+
+
+class _ClosedConnection:
+    """Stands for a connection closed inside an atomic block: every use fails as on a
+    closed psycopg2 connection."""
+
+    closed = 1
+    autocommit = False
+
+    def __getattr__(self, name: str) -> Any:
+        raise psycopg2.InterfaceError("connection already closed")
+
+
+_CLOSED: Any = _ClosedConnection()
 
 
 def _pool_key(conn_params: dict[str, Any], options: dict[str, Any]) -> tuple[tuple[str, str], ...]:
@@ -259,8 +469,9 @@ def _forget_inherited_connections() -> None:
     except Exception:  # settings not configured in this process: nothing to forget
         return
     for wrapper in wrappers:
-        if isinstance(wrapper, PooledDatabaseWrapperMixin) and wrapper._herokupool_held:
-            wrapper._herokupool_held.clear()
+        loan = wrapper._herokupool_loan if isinstance(wrapper, PooledDatabaseWrapperMixin) else None
+        if loan is not None and _take(loan) is not None:
+            loan.cursors = None
             wrapper.connection = None
 
 

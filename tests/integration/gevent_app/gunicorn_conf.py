@@ -1,0 +1,29 @@
+"""gunicorn's gevent worker with psycogreen, as psycopg2 apps on Heroku run it.
+
+The gevent worker monkey-patches the standard library when it starts; psycogreen makes
+psycopg2 wait for the server through gevent instead of blocking the whole worker.  Both
+must happen in the worker, after fork: post_fork is the hook that runs there first.
+"""
+
+worker_class = "gevent"
+workers = 1
+worker_connections = 100
+timeout = 60
+graceful_timeout = 5
+accesslog = None
+errorlog = "-"
+loglevel = "warning"
+# gunicorn >= 25.1 opens a control socket under $HOME by default; parallel runs would share it.
+control_socket_disable = True
+
+
+def post_fork(server, worker):
+    from psycogreen.gevent import patch_psycopg
+
+    patch_psycopg()
+
+
+def worker_exit(server, worker):
+    import herokupool
+
+    herokupool.close_pools()
