@@ -70,12 +70,9 @@ def test_a_borrower_interrupted_while_queued_leaves_the_line() -> None:
     assert pool.borrow(timeout=0.1) is held_by_other_thread[0]
 
 
-def test_an_interruption_just_after_being_served_hands_the_connection_on(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # The release wins the race, then the interruption lands before the waiter looks.
-    pool = make_pool(max_conns=1, timeout=5)
-    held = pool.borrow()
+def interrupt_after_waiting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every queued borrower get an interruption right after it was woken: the
+    serve wins the race, then the interruption lands before the waiter looks."""
     original_wait = _Waiter.wait
 
     def wait_then_interrupt(self: _Waiter, timeout: float) -> None:
@@ -83,6 +80,10 @@ def test_an_interruption_just_after_being_served_hands_the_connection_on(
         raise Interrupted
 
     monkeypatch.setattr(_Waiter, "wait", wait_then_interrupt)
+
+
+def borrow_in_thread(pool: ConnectionPool) -> tuple[threading.Thread, list[BaseException]]:
+    """Start a thread that borrows and records what it raised; wait until it queues."""
     errors: list[BaseException] = []
 
     def borrower() -> None:
@@ -94,6 +95,16 @@ def test_an_interruption_just_after_being_served_hands_the_connection_on(
     thread = threading.Thread(target=borrower)
     thread.start()
     wait_until(lambda: pool.stats()["waiting"] == 1)
+    return thread, errors
+
+
+def test_an_interruption_just_after_being_served_hands_the_connection_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pool = make_pool(max_conns=1, timeout=5)
+    held = pool.borrow()
+    interrupt_after_waiting(monkeypatch)
+    thread, errors = borrow_in_thread(pool)
     pool.release(held)
     thread.join()
     assert isinstance(errors[0], Interrupted)
@@ -107,24 +118,8 @@ def test_an_interruption_after_being_given_a_slot_frees_the_slot(
     driver = FakeDriver()
     pool = make_pool(driver, max_conns=1, timeout=5)
     held = pool.borrow()
-    original_wait = _Waiter.wait
-
-    def wait_then_interrupt(self: _Waiter, timeout: float) -> None:
-        original_wait(self, timeout)
-        raise Interrupted
-
-    monkeypatch.setattr(_Waiter, "wait", wait_then_interrupt)
-    errors: list[BaseException] = []
-
-    def borrower() -> None:
-        try:
-            pool.borrow()
-        except BaseException as error:
-            errors.append(error)
-
-    thread = threading.Thread(target=borrower)
-    thread.start()
-    wait_until(lambda: pool.stats()["waiting"] == 1)
+    interrupt_after_waiting(monkeypatch)
+    thread, errors = borrow_in_thread(pool)
     pool.discard(held)  # frees the slot: the waiter is told to open a connection in it
     thread.join()
     monkeypatch.undo()

@@ -245,17 +245,7 @@ class PooledDatabaseWrapperMixin(_Base):
         # next query raises InterfaceError("connection already closed") as with Django's
         # own backend (not ProgrammingError from a reconnect attempt).
         self.connection = _CLOSED if self.in_atomic_block else None
-        cleanup = None
-        if loan.cursors is not None:
-            # Mark this loan's cursors ended before the connection can reach anyone else:
-            # a generator finalised later closes its cursor, which must not send CLOSE
-            # into the next borrower's session (the pool's CLOSE ALL already closed it).
-            for ref in loan.cursors:
-                cursor = ref()
-                if cursor is not None:
-                    cursor.released = True
-            loan.cursors = None
-            cleanup = CLOSE_CURSORS
+        cleanup = _end_cursors(loan)
         with self.wrap_database_errors:
             if self._herokupool_unusable:
                 pool.discard(conn)
@@ -393,15 +383,27 @@ def _reclaim(loan: _Loan) -> None:
     if wrapper is not None:
         # The wrapper must never use (or close) a connection the pool may lend again.
         wrapper.connection = None
-    cleanup = None
-    if loan.cursors is not None:
-        for ref in loan.cursors:
-            cursor = ref()
-            if cursor is not None:
-                cursor.released = True
-        loan.cursors = None
-        cleanup = CLOSE_CURSORS  # a thread ended mid-iteration: its cursor must go too
+    # A thread that ended mid-iteration left its cursor open: it must go too.
+    cleanup = _end_cursors(loan)
     pool.release_later(conn, cleanup=cleanup)  # the pool's thread releases it, with a warning
+
+
+def _end_cursors(loan: _Loan) -> str | None:
+    """End the server-side cursors of ``loan``'s borrow; return the cleanup SQL the
+    release needs (``CLOSE ALL``), or None when the borrow opened none.
+
+    The cursor objects are marked ended before the connection can reach anyone else: a
+    generator finalised later closes its cursor, which must not send CLOSE into the next
+    borrower's session (the pool's CLOSE ALL already closed it).
+    """
+    if loan.cursors is None:
+        return None
+    for ref in loan.cursors:
+        cursor = ref()
+        if cursor is not None:
+            cursor.released = True
+    loan.cursors = None
+    return CLOSE_CURSORS
 
 
 class _ServerSideCursor(psycopg2.extensions.cursor):
