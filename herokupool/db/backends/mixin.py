@@ -149,11 +149,9 @@ class PooledDatabaseWrapperMixin(_Base):
         isolation level (``level`` is OPTIONS' raw value, ``self.isolation_level`` the
         checked one); lending.py's connect() calls it directly on later requests.
         """
-        conn = pool.borrow()
         loan = self._herokupool_loan
         if loan is None:
             loan = self._herokupool_loan = _guard_against_orphans(self)
-        loan.held.append((pool, conn))
         if loan.loans is None and not self._thread_sharing_count:  # type: ignore[attr-defined]
             # Watched by this thread's end from now on (a wrapper belongs to one thread, so
             # once per wrapper, not per borrow).  A wrapper shared between threads
@@ -162,6 +160,11 @@ class PooledDatabaseWrapperMixin(_Base):
             loans = _thread_loans()
             loans[id(loan)] = loan
             loan.loans = loans
+        # Recorded in the same expression that borrows, everything else prepared before:
+        # an asynchronous exception (a signal handler's) has no room to land between the
+        # pool lending the connection and the loan knowing it.
+        loan.held.append((pool, pool.borrow()))
+        conn = loan.held[-1][1]
         if level is not None:
             # Outside autocommit, as on Django's fresh connections: psycopg2 then sends the
             # level with each BEGIN.  Set in autocommit it would SET the session's
