@@ -280,6 +280,10 @@ def test_a_thread_that_dies_without_closing_gives_its_connection_back(
         thread.join()
         del thread
         gc.collect()  # the thread's wrapper is gone: its connection comes back
+        # ...through the pool's own thread (release_later), within milliseconds.
+        deadline = time.monotonic() + 5
+        while stats()["in_use"] and time.monotonic() < deadline:
+            time.sleep(0.01)
     (server_pid,) = seen
     assert stats()["in_use"] == 0
     assert stats()["idle"] == 1
