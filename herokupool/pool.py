@@ -558,22 +558,33 @@ class ConnectionPool:
             )
             raise
 
-    def _open_in_slot(self) -> _Entry:
-        """Open a connection for the calling borrower (see ``_connect_in_slot``)."""
-        conn = self._connect_in_slot()
+    def _entry_for(self, conn: Any) -> _Entry:
+        """The bookkeeping for ``conn``, just opened in a slot counted in
+        ``_connecting``; if even that is interrupted, the slot is freed and ``conn``
+        closed."""
         try:
-            entry = _Entry(conn, self._clock(), self.max_lifetime)
+            return _Entry(conn, self._clock(), self.max_lifetime)
         except BaseException:
             with self._lock:
                 self._connecting -= 1
                 self._wake_for_slot()
             _close_quietly(conn)
             raise
+
+    def _opened(self) -> bool:
+        """Count a connection opened in a slot; True when the pool closed meanwhile (the
+        caller then closes it).  Must be called with the lock held."""
+        self._connecting -= 1
+        self._counters[CONNECTIONS_CREATED] += 1
+        self._last_error = None
+        return self._closed
+
+    def _open_in_slot(self) -> _Entry:
+        """Open a connection for the calling borrower (see ``_connect_in_slot``)."""
+        conn = self._connect_in_slot()
+        entry = self._entry_for(conn)
         with self._lock:
-            self._connecting -= 1
-            self._counters[CONNECTIONS_CREATED] += 1
-            self._last_error = None
-            closed = self._closed
+            closed = self._opened()
             if not closed:
                 self._in_use[id(conn)] = entry
                 self._counters[BORROWS] += 1
@@ -897,12 +908,9 @@ class ConnectionPool:
                 conn = self._connect_in_slot()
             except Exception:
                 return  # logged; the next maintenance run tries again
-            entry = _Entry(conn, self._clock(), self.max_lifetime)
+            entry = self._entry_for(conn)
             with self._lock:
-                self._connecting -= 1
-                self._counters[CONNECTIONS_CREATED] += 1
-                self._last_error = None
-                closed = self._closed
+                closed = self._opened()
                 if not closed:
                     self._in_use[id(conn)] = entry  # _hand_over expects it there
                     if not self._hand_over(entry):
