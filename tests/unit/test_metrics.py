@@ -28,24 +28,10 @@ from herokupool.metrics import (
     remove_publisher,
 )
 from herokupool.options import parse_options
-from herokupool.pool import ConnectionPool
-from tests.unit.fakes import FakeClock, FakeDriver
+from tests.unit.fakes import FakeClock
+from tests.unit.test_pool import make_pool, wait_until
 
 T0 = 1200.0  # a multiple of the slot width: slots start at T0
-
-
-def make_pool(driver: FakeDriver | None = None, **kwargs: object) -> ConnectionPool:
-    kwargs.setdefault("background", False)
-    kwargs.setdefault("validate_after", None)
-    return ConnectionPool(driver or FakeDriver(), **kwargs)  # type: ignore[arg-type]
-
-
-def wait_until(predicate, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        time.sleep(0.001)
 
 
 # ------------------------------------------------------------------ the window
