@@ -8,14 +8,11 @@ report them.  No database: the backend is refused before it would connect.
 from __future__ import annotations
 
 import math
-import os
 import threading
 import traceback
-from typing import Any
 
 import pytest
 from django.conf import settings
-from django.core.exceptions import ImproperlyConfigured
 from django.db import connections
 
 from herokupool import registry
@@ -27,26 +24,10 @@ from herokupool.options import (
     OptionError,
     parse_options,
 )
+from tests.unit.test_config import clean_env, error_of  # noqa: F401  (clean_env: autouse)
 
 DURATIONS = ["TIMEOUT", "MAX_LIFETIME", "MAX_IDLE", "VALIDATE_AFTER", "LEAK_THRESHOLD"]
 COUNTS = ["MAX_CONNS", "MIN_CONNS"]
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if (
-            name in {"DATABASE_URL", "DYNO", "WEB_CONCURRENCY"}
-            or name.startswith(("POOL_", "REPLICA_POOL_", "HEROKU_POSTGRESQL_"))
-            or name.endswith(("CONNECTION_POOL_URL", "_URL_PGBOUNCER"))
-        ):
-            monkeypatch.delenv(name)
-
-
-def error_of(call: Any, *args: Any, **kwargs: Any) -> ImproperlyConfigured:
-    with pytest.raises(ImproperlyConfigured) as info:
-        call(*args, **kwargs)
-    return info.value
 
 
 def seconds_rule(name: str) -> str:
