@@ -194,6 +194,13 @@ class ConnectionPool:
 
     Durations are float seconds; ``None`` disables ``max_lifetime``, ``max_idle``,
     ``validate_after`` and ``leak_threshold``.
+
+    ``prepare_release(conn)``, when given, is called on each release before anything is
+    sent: it restores what the borrower changed on the client side and returns SQL that
+    undoes what it changed in the session (run after the rollback, with ``cleanup``, in
+    one round trip), or None; an exception from it closes the connection.  It replaces
+    the reset of psycopg2's session characteristics (isolation level, read only,
+    deferrable) done without it.  Must not block or do I/O.
     """
 
     def __init__(
@@ -212,6 +219,7 @@ class ConnectionPool:
         leak_threshold: float | None = None,
         max_waiting: int | None = None,
         log_metrics: float | None = None,
+        prepare_release: Callable[[Any], str | None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         background: bool = True,
     ) -> None:
@@ -240,6 +248,7 @@ class ConnectionPool:
         self.leak_threshold = leak_threshold
         self.max_waiting = max_waiting
         self.log_metrics = log_metrics
+        self.prepare_release = prepare_release
         self._connect = connect
         self._clock = clock
         self._background = background
@@ -727,11 +736,21 @@ class ConnectionPool:
                 "lost" if conn.closed else f"transaction status {_STATUS_NAMES.get(status, status)}"
             )
         in_transaction = status != ext.TRANSACTION_STATUS_IDLE
-        session = (
-            conn.isolation_level is not None
-            or conn.readonly is not None
-            or conn.deferrable is not None
-        )
+        if self.prepare_release is None:
+            session = (
+                conn.isolation_level is not None
+                or conn.readonly is not None
+                or conn.deferrable is not None
+            )
+        else:
+            # The hook knows what the loan changed: its undo runs after the rollback.
+            session = False
+            try:
+                undo = self.prepare_release(conn)
+            except Exception as error:
+                return f"it cannot be made new again: {_first_line(error)}"
+            if undo:
+                cleanup = undo if cleanup is None else f"{cleanup}; {undo}"
         if not (in_transaction or cleanup or self.reset or session or not conn.autocommit):
             return None  # the common case: nothing to undo, no round trip
         try:

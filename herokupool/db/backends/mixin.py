@@ -5,11 +5,14 @@ wrappers; everything else (SQL, introspection, schema editing, test databases) i
 Django's.  Each process keeps one :class:`~herokupool.pool.ConnectionPool` per alias
 and connection parameters, created on first use.
 
-The backends compose this mixin through :class:`~herokupool.db.backends.lending.LendingMixin`,
-which keeps a thread's Django connection open across requests and lends the physical
-connection per request (``connect()`` then borrows through :meth:`_herokupool_lend`);
-with ``OPTIONS["CONNECT_PER_BORROW"]`` Django runs its full ``connect()`` on every
-borrow: autocommit, the isolation level, the time zone, the role, ``connection_created``.
+Django's lifecycle is unchanged: every request runs Django's own ``connect()`` and
+``close()`` (so every wrapper subclass and every ``connection_created`` receiver sees
+what it sees without a pool); only beneath them, ``get_new_connection()`` borrows and
+``_close()`` releases.  What makes that fast is caching what really is per wrapper (the
+connection parameters, the pool) and not redoing per borrow what the pooled session
+already has (the isolation level, the assumed role).  What makes it faithful is the
+session tracking of :mod:`herokupool.tracked`: the loan's cursors end with it, and the
+release undoes exactly the session state the loan changed.
 
 A borrowed connection is recorded in a :class:`_Loan` held by the wrapper.  Two things
 watch it, so that a connection whose borrower is gone comes back without anyone calling
@@ -21,6 +24,7 @@ thread or a garbage collection, possibly while that thread holds the pool's lock
 
 from __future__ import annotations
 
+import copy
 import math
 import threading
 import weakref
@@ -29,12 +33,11 @@ from typing import TYPE_CHECKING, Any
 import psycopg2
 import psycopg2.extensions
 import psycopg2.extras
-from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.db.backends.base.base import NO_DB_ALIAS
 from django.db.backends.postgresql.psycopg_any import IsolationLevel, is_psycopg3
 
-from herokupool import _fork, registry
+from herokupool import _fork, registry, tracked
 from herokupool._redact import SECRET_KEYS
 from herokupool.config import MISSING_ENV_KEY, missing_env_error, with_ssl_hint
 from herokupool.options import POOL_SETTINGS, OptionError, parse_options, split_options
@@ -70,28 +73,34 @@ KEEPALIVE_DEFAULTS: dict[str, int] = {
     "tcp_user_timeout": 60_000,  # milliseconds
 }
 
-#: Run on release after a borrow that opened a server-side cursor (QuerySet.iterator(),
-#: chunked_cursor()): Django declares them WITH HOLD in autocommit, so they outlive the
-#: request on the pooled session.
-CLOSE_CURSORS = "CLOSE ALL"
-
 
 def _open(params: dict[str, Any]) -> Any:
-    """Open one physical connection the way Django's own backend does."""
+    """Open one physical connection the way Django's own backend does, as a
+    :class:`~herokupool.tracked.TrackedConnection`."""
+    params = dict(params)
+    params["connection_factory"] = tracked.connection_class(params.get("connection_factory"))
     conn = psycopg2.connect(**params)
     # Idle pooled connections stay in autocommit, so nothing the pool runs on them
     # (validation, reset) can leave a transaction open; Django sets it per borrow.
     conn.autocommit = True
     # What Django's get_new_connection() registers: skip psycopg2's json decoding,
     # JSONField decodes itself.
-    psycopg2.extras.register_default_jsonb(conn_or_curs=conn, loads=lambda x: x)
+    psycopg2.extras.register_default_jsonb(conn_or_curs=conn, loads=_identity)
+    conn.mark_baseline()  # what every loan starts from: these typecasters, this cursor class
     return conn
+
+
+def _identity(value: Any) -> Any:
+    return value
 
 
 class PooledDatabaseWrapperMixin(_Base):
     """Borrow connections from this process's pool instead of opening them."""
 
     _herokupool_unusable = False  # set while close() drops a connection a health check failed
+    # (settings_dict and OPTIONS as they were, the parameters made from them): Django
+    # asks for the parameters on every connect().
+    _herokupool_params: tuple[dict[str, Any], dict[str, Any], dict[str, Any]] | None = None
     _herokupool_last: tuple[dict[str, Any], dict[str, Any], ConnectionPool] | None = None
     # This wrapper's loan record, made at its first borrow and watched for the wrapper's
     # whole life by one finalizer (see _guard_against_orphans).
@@ -113,21 +122,37 @@ class PooledDatabaseWrapperMixin(_Base):
         return self.alias != NO_DB_ALIAS
 
     def get_connection_params(self) -> dict[str, Any]:
-        if MISSING_ENV_KEY in self.settings_dict:
-            error = missing_env_error(self.settings_dict)
+        settings_dict = self.settings_dict
+        cached = self._herokupool_params
+        # Django rebuilds the parameters from the settings on every connect(); they
+        # change only when the settings do (a test database's NAME, a settings override).
+        # A copy each time: a subclass may add to what it gets.
+        if (
+            cached is not None
+            and cached[0] == settings_dict
+            and cached[1] == settings_dict["OPTIONS"]
+        ):
+            return dict(cached[2])
+        if MISSING_ENV_KEY in settings_dict:
+            error = missing_env_error(settings_dict)
             if error is not None:
                 raise error
         params = super().get_connection_params()  # has every OPTIONS key, ours included
         for name in POOL_SETTINGS.intersection(params):
             del params[name]
+        self._herokupool_params = (
+            dict(settings_dict),
+            copy.deepcopy(settings_dict["OPTIONS"]),
+            dict(params),
+        )
         return params
 
     def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
         if not self._pooled:
             return super().get_new_connection(conn_params)
         # As Django's get_new_connection(): the isolation level from OPTIONS, or the
-        # server's default (the pool reset the session's on release).  Checked before
-        # borrowing, so a bad value never holds a connection.
+        # server's default.  Checked before borrowing, so a bad value never holds a
+        # connection.
         level = self.settings_dict["OPTIONS"].get("isolation_level")
         if level is None:
             isolation_level = IsolationLevel.READ_COMMITTED
@@ -140,15 +165,17 @@ class PooledDatabaseWrapperMixin(_Base):
                     "Use one of the psycopg.IsolationLevel values."
                 ) from None
         self.isolation_level = isolation_level
-        return self._herokupool_lend(self._pool_for(conn_params), level)
+        conn = self._herokupool_lend(self._pool_for(conn_params))
+        # As Django sets it on a new connection: on the client side, sent with each BEGIN
+        # (not as the session's default_transaction_isolation, which behind PgBouncer in
+        # transaction mode would stay on the server connection and reach other clients).
+        # A pooled session keeps it between loans, so this sends nothing.
+        tracked.apply_isolation_level(conn, None if level is None else isolation_level)
+        conn.begin_loan()
+        return conn
 
-    def _herokupool_lend(self, pool: ConnectionPool, level: object) -> Any:
-        """Borrow from ``pool`` for this wrapper and record the loan.
-
-        ``get_new_connection()`` calls it once it has found the pool and checked the
-        isolation level (``level`` is OPTIONS' raw value, ``self.isolation_level`` the
-        checked one); lending.py's connect() calls it directly on later requests.
-        """
+    def _herokupool_lend(self, pool: ConnectionPool) -> Any:
+        """Borrow from ``pool`` for this wrapper and record the loan."""
         loan = self._herokupool_loan
         if loan is None:
             loan = self._herokupool_loan = _guard_against_orphans(self)
@@ -164,15 +191,37 @@ class PooledDatabaseWrapperMixin(_Base):
         # an asynchronous exception (a signal handler's) has no room to land between the
         # pool lending the connection and the loan knowing it.
         loan.held.append((pool, pool.borrow()))
-        conn = loan.held[-1][1]
-        if level is not None:
-            # Outside autocommit, as on Django's fresh connections: psycopg2 then sends the
-            # level with each BEGIN.  Set in autocommit it would SET the session's
-            # default_transaction_isolation, which behind PgBouncer (transaction mode) stays on
-            # the server connection and reaches other clients.  connect() restores autocommit.
-            conn.autocommit = False
-            conn.isolation_level = self.isolation_level
-        return conn
+        return loan.held[-1][1]
+
+    def _configure_connection(self, connection: Any) -> bool:
+        # Django's session set-up (time zone, assume_role) runs on every borrow, as on
+        # every new connection; what it sends is the session's baseline, not a change
+        # of the loan's for the release to undo.
+        if not isinstance(connection, tracked.TrackedConnection):
+            return bool(super()._configure_connection(connection))  # type: ignore[misc]
+        flags = connection.herokupool_flags
+        try:
+            return bool(super()._configure_connection(connection))  # type: ignore[misc]
+        finally:
+            connection.herokupool_flags = flags
+
+    def _configure_role(self, connection: Any) -> bool:
+        # Django sends SET ROLE on every new connection; a pooled session that has the
+        # role already (assumed by an earlier loan's set-up, and not changed since) is
+        # left as it is, and one that has another is given this one.
+        if not isinstance(connection, tracked.TrackedConnection):
+            return bool(super()._configure_role(connection))  # type: ignore[misc]
+        role = self.settings_dict["OPTIONS"].get("assume_role") or None
+        if connection.assumed_role == role:
+            return False
+        if role is None:
+            with connection.cursor() as cursor:
+                cursor.execute("RESET ROLE")
+            committed = True
+        else:
+            committed = bool(super()._configure_role(connection))  # type: ignore[misc]
+        connection.assumed_role = role
+        return committed
 
     def _pool_for(self, conn_params: dict[str, Any]) -> ConnectionPool:
         # Django rebuilds conn_params on every connect(). While they and OPTIONS are
@@ -212,26 +261,9 @@ class PooledDatabaseWrapperMixin(_Base):
             params.setdefault(key, value)
         # with_ssl_hint: a server without SSL says herokupool required it because of DYNO.
         connect = with_ssl_hint(lambda: _open(params), self.settings_dict)
-        return ConnectionPool(connect, name=self.alias, **kwargs)
-
-    def create_cursor(self, name: str | None = None) -> Any:
-        loan = self._herokupool_loan
-        if not name or loan is None or not loan.held:
-            return super().create_cursor(name)
-        # As Django's create_cursor() on psycopg2 (the mixin refuses psycopg 3), with a
-        # cursor class that knows when its loan has ended.  In autocommit Django declares
-        # the cursor WITH HOLD: it outlives the request, so release closes it (CLOSE ALL).
-        cursor = self.connection.cursor(
-            name,
-            scrollable=False,
-            withhold=self.connection.autocommit,
-            cursor_factory=_ServerSideCursor,
+        return ConnectionPool(
+            connect, name=self.alias, prepare_release=tracked.prepare_release, **kwargs
         )
-        cursor.tzinfo_factory = self.tzinfo_factory if settings.USE_TZ else None
-        if loan.cursors is None:
-            loan.cursors = []
-        loan.cursors.append(weakref.ref(cursor))
-        return cursor
 
     def _close(self) -> None:
         loan = self._herokupool_loan
@@ -241,21 +273,19 @@ class PooledDatabaseWrapperMixin(_Base):
         except (IndexError, AttributeError):  # nothing borrowed (AttributeError: no loan yet)
             super()._close()  # type: ignore[misc]
             return
-        assert loan is not None
         # Never leave the wrapper holding a connection another thread may now have.
         # Inside an atomic block Django keeps self.connection after close() until the
         # block ends: a stand-in that fails as a closed psycopg2 connection does, so the
         # next query raises InterfaceError("connection already closed") as with Django's
         # own backend (not ProgrammingError from a reconnect attempt).
         self.connection = _CLOSED if self.in_atomic_block else None
-        cleanup = _end_cursors(loan)
+        # The loan's cursors end before the connection can reach anyone else.
+        _end_loan(conn)
         with self.wrap_database_errors:
             if self._herokupool_unusable:
                 pool.discard(conn)
-            elif cleanup is None:
-                pool.release(conn)
             else:
-                pool.release(conn, cleanup=cleanup)
+                pool.release(conn)
 
     def close_pool(self) -> None:
         """Close every pool of this alias in this process.
@@ -297,12 +327,10 @@ class _Loan:
     ``list.pop()``, which is atomic: exactly one of them returns it.
     """
 
-    __slots__ = ("cursors", "held", "loans", "wrapper")
+    __slots__ = ("held", "loans", "wrapper")
 
     def __init__(self, wrapper: PooledDatabaseWrapperMixin) -> None:
         self.held: list[tuple[ConnectionPool, Any]] = []
-        # Weak references to the server-side cursors opened during this borrow, or None.
-        self.cursors: list[weakref.ReferenceType[_ServerSideCursor]] | None = None
         # The borrowing thread's loans (see _thread_loans), while registered there.
         self.loans: dict[int, _Loan] | None = None
         # Weak: the finalizer watching the wrapper keeps this record alive.
@@ -386,63 +414,16 @@ def _reclaim(loan: _Loan) -> None:
     if wrapper is not None:
         # The wrapper must never use (or close) a connection the pool may lend again.
         wrapper.connection = None
-    # A thread that ended mid-iteration left its cursor open: it must go too.
-    cleanup = _end_cursors(loan)
-    pool.release_later(conn, cleanup=cleanup)  # the pool's thread releases it, with a warning
+    # Its cursors end now (a thread that ended mid-iteration left one open).
+    _end_loan(conn)
+    pool.release_later(conn)  # the pool's thread releases it, with a warning
 
 
-def _end_cursors(loan: _Loan) -> str | None:
-    """End the server-side cursors of ``loan``'s borrow; return the cleanup SQL the
-    release needs (``CLOSE ALL``), or None when the borrow opened none.
-
-    The cursor objects are marked ended before the connection can reach anyone else: a
-    generator finalised later closes its cursor, which must not send CLOSE into the next
-    borrower's session (the pool's CLOSE ALL already closed it).
-    """
-    if loan.cursors is None:
-        return None
-    for ref in loan.cursors:
-        cursor = ref()
-        if cursor is not None:
-            cursor.released = True
-    loan.cursors = None
-    return CLOSE_CURSORS
-
-
-class _ServerSideCursor(psycopg2.extensions.cursor):
-    """psycopg2's named cursor, inert once its borrow has ended.
-
-    Django's ``QuerySet.iterator()`` closes its cursor when the generator is finalised,
-    which may be after the connection went back to the pool and on to another borrower:
-    a CLOSE (or FETCH) then would run in that borrower's session, fail there and abort
-    its transaction.  After release such calls touch nothing.
-    """
-
-    released = False
-
-    def close(self) -> None:
-        if not self.released:
-            super().close()
-
-    def _check(self) -> None:
-        if self.released:
-            raise psycopg2.InterfaceError("cursor already closed")
-
-    def execute(self, *args: Any, **kwargs: Any) -> None:
-        self._check()
-        super().execute(*args, **kwargs)
-
-    def fetchone(self) -> Any:
-        self._check()
-        return super().fetchone()
-
-    def fetchmany(self, *args: Any, **kwargs: Any) -> Any:
-        self._check()
-        return super().fetchmany(*args, **kwargs)
-
-    def fetchall(self) -> Any:
-        self._check()
-        return super().fetchall()
+def _end_loan(conn: Any) -> None:
+    """End the loan's cursors (see ``herokupool.tracked``); no I/O, no lock."""
+    end_loan = getattr(conn, "end_loan", None)
+    if end_loan is not None:
+        end_loan()
 
 
 class _ClosedConnection:
@@ -487,7 +468,6 @@ def _forget_inherited_connections() -> None:
     for wrapper in wrappers:
         loan = wrapper._herokupool_loan if isinstance(wrapper, PooledDatabaseWrapperMixin) else None
         if loan is not None and _take(loan) is not None:
-            loan.cursors = None
             wrapper.connection = None
 
 

@@ -2,8 +2,8 @@
 
 from django.contrib.gis.db.backends.postgis import base
 
-from herokupool.db.backends.lending import LendingMixin
+from herokupool.db.backends.mixin import PooledDatabaseWrapperMixin
 
 
-class DatabaseWrapper(LendingMixin, base.DatabaseWrapper):
+class DatabaseWrapper(PooledDatabaseWrapperMixin, base.DatabaseWrapper):
     pass

@@ -1,11 +1,11 @@
-"""Session mode's lending (herokupool/db/backends/lending.py) against a real PostgreSQL.
+"""The request lifecycle on herokupool's backend against a real PostgreSQL.
 
-The Django wrapper stays open across requests; the physical connection underneath is
-borrowed by the request's first statement and returned by ``close_old_connections()``
-at its end.  ``request()`` below is what a request does to its thread's wrapper.  The
-observables are the server's (backend pids, ``pg_stat_activity.query``: the last
-statement a session ran, which shows whether a borrow sent anything), the pool's
-stats and Django's ``connection_created`` signal.
+Every request runs Django's own ``connect()`` and ``close()``, as without a pool: the
+request's first statement borrows a physical connection and ``close_old_connections()``
+at its end gives it back and closes the wrapper.  ``request()`` below is what a request
+does to its thread's wrapper.  The observables are the server's (backend pids,
+``pg_stat_activity.query``: the last statement a session ran, which shows whether a
+borrow sent anything), the pool's stats and Django's ``connection_created`` signal.
 """
 
 from __future__ import annotations
@@ -79,36 +79,13 @@ def test_the_request_end_returns_the_physical_connection_and_the_wrapper_stays_o
     assert (stats["borrows"], stats["releases"], stats["in_use"]) == (3, 3, 0)
 
 
-def test_connection_created_fires_per_session_not_per_request(
+def test_connection_created_fires_on_every_request_as_with_django(
     make_wrapper: MakeWrapper, created: list[Any]
 ) -> None:
     wrapper = make_wrapper(MAX_CONNS=1)
-    for _ in range(5):
-        request(wrapper)
-    assert created == [wrapper], "five requests on one server session: one signal"
-    other = make_wrapper(MAX_CONNS=1)
-    request(other)
-    request(other)
-    assert created == [wrapper, other], "a wrapper opening: Django's connect() sends it"
-    wrapper.close()
-    request(wrapper)
-    assert created == [wrapper, other, wrapper], "after close(), as Django's connect()"
-    request(wrapper)
-    assert len(created) == 3
-
-
-def test_a_borrow_of_a_new_physical_connection_sends_connection_created(
-    make_wrapper: MakeWrapper, created: list[Any]
-) -> None:
-    wrapper = make_wrapper(MAX_CONNS=1)
-    first = request(wrapper)
-    herokupool_pool = wrapper._herokupool_kept
-    assert herokupool_pool is not None
-    conn = herokupool_pool.borrow()
-    herokupool_pool.discard(conn)  # the only physical connection is gone
-    second = request(wrapper)
-    assert second != first
-    assert created == [wrapper, wrapper], "a new session: set up and announced again"
+    pids = {request(wrapper) for _ in range(5)}
+    assert len(pids) == 1, "one server session served the five requests"
+    assert created == [wrapper] * 5, "Django's connect() ran, and announced, every request"
 
 
 def test_with_reset_or_connect_per_borrow_connection_created_fires_per_borrow(
@@ -194,7 +171,6 @@ def test_a_request_that_leaves_autocommit_off_closes_the_wrapper(
         cursor.execute("CREATE TEMP TABLE t (x int)")
     wrapper.close_if_unusable_or_obsolete()  # as Django: don't take chances
     assert wrapper.connection is None
-    assert wrapper._herokupool_kept is None, "the next connect() starts afresh"
     assert wrapper.get_autocommit() is True
     with wrapper.cursor() as cursor:
         cursor.execute("SELECT count(*) FROM pg_tables WHERE tablename = 't'")
@@ -223,15 +199,13 @@ def test_a_connection_killed_during_a_request_is_discarded_and_the_next_is_fresh
     assert herokupool.stats()[wrapper.alias]["in_use"] == 0
 
 
-def test_close_ends_the_wrapper_and_settings_apply_again(
+def test_settings_changed_between_requests_apply_to_the_next_request(
     make_wrapper: MakeWrapper, app_name: str
 ) -> None:
     wrapper = make_wrapper(MAX_CONNS=1)
     assert request(wrapper, "SHOW application_name") == app_name
     wrapper.settings_dict["OPTIONS"]["application_name"] = f"{app_name}-2"
-    assert request(wrapper, "SHOW application_name") == app_name, "open: settings kept"
-    wrapper.close()
-    assert request(wrapper, "SHOW application_name") == f"{app_name}-2"
+    assert request(wrapper, "SHOW application_name") == f"{app_name}-2", "as Django: read again"
     wrapper.close()
 
 

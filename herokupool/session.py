@@ -1,0 +1,237 @@
+"""What a borrower did to its server session, read off the SQL it sent, and the undo.
+
+A pooled session must look new to its next borrower.  Rather than reset every session
+on every release (one round trip per request) or never (state leaks into the next
+request), the driver layer (``herokupool.tracked``) passes each statement a borrower
+runs through :func:`changes`, ORs the returned flags into the connection's record, and
+on release sends :func:`undo` of exactly what happened, in one round trip, or nothing
+for the common loan that changed nothing.
+
+Recognised, as Amazon RDS Proxy recognises them for pinning:
+
+=============================================  ==========  ==============================
+statement                                      flag        undone with
+=============================================  ==========  ==============================
+``SET x``, ``SET SESSION x``, ``RESET x``,     ``GUC``     ``RESET ALL``
+``SET SESSION CHARACTERISTICS``,
+``set_config(name, value, <not true>)``
+``SET ROLE``, ``SET SESSION AUTHORIZATION``    ``ROLE``    ``SET SESSION AUTHORIZATION
+                                                           DEFAULT; RESET ROLE``
+``LISTEN``                                     ``LISTEN``  ``UNLISTEN *``
+``PREPARE``                                    ``PREPARE`` ``DEALLOCATE ALL``
+``CREATE TEMP ...``, ``SELECT ... INTO TEMP``,  ``TEMP``    ``DISCARD TEMP``
+a table in ``pg_temp``
+``pg_advisory_lock[_shared]``,                 ``LOCK``    ``SELECT pg_advisory_unlock_all()``
+``pg_try_advisory_lock[_shared]``
+``DECLARE ... WITH HOLD``                      ``CURSOR``  ``CLOSE ALL``
+``LOAD``                                       ``LOAD``    nothing can: the session is closed
+=============================================  ==========  ==============================
+
+Transaction-scoped forms change nothing that outlives the loan and are ignored: ``SET
+LOCAL``, ``SET TRANSACTION``, ``SET CONSTRAINTS``, ``set_config(..., true)``,
+``pg_advisory_xact_lock``.  Statements that only go back towards a new session's state
+(``RESET ROLE``, ``UNLISTEN``, ``DEALLOCATE``, ``DISCARD``, ``CLOSE``,
+``pg_advisory_unlock*``) need no undo; ``RESET ROLE``, ``SET ROLE NONE``, ``SET SESSION
+AUTHORIZATION DEFAULT`` and ``DISCARD ALL`` do report :data:`ROLE_RESET`, because they
+end a role the backend assumed (``assume_role``), which it must then assume again.
+
+Not seen: statements run inside functions and ``DO`` blocks (``PERFORM set_config(...)``,
+``EXECUTE 'SET ...'``), whose text is the server's.  ``OPTIONS["RESET"]`` (e.g.
+``DISCARD ALL``) covers those.  The classifier errs towards an undo: a false alarm costs
+one round trip, a miss leaks state.
+
+Cost: most statements are decided by one ``lower()`` and a few substring tests; only a
+statement that starts with a keyword of the table, holds a ``;`` or mentions
+``set_config``, ``advisory`` or ``temp`` is read by a regular expression.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+__all__ = [
+    "CURSOR",
+    "GUC",
+    "LISTEN",
+    "LOAD",
+    "LOCK",
+    "PREPARE",
+    "ROLE",
+    "ROLE_RESET",
+    "TEMP",
+    "changes",
+    "describe",
+    "undo",
+]
+
+GUC: Final = 1
+ROLE: Final = 2
+LISTEN: Final = 4
+PREPARE: Final = 8
+TEMP: Final = 16
+LOCK: Final = 32
+CURSOR: Final = 64
+#: Cannot be undone: the session must be closed.
+LOAD: Final = 128
+#: Not state to undo: a role assumed by the backend ended (see the module docstring).
+ROLE_RESET: Final = 256
+
+#: The undo for each flag, in the order sent: the session's own user first, so that the
+#: rest runs with the privileges the session started with.
+_UNDO: Final = (
+    (ROLE, "SET SESSION AUTHORIZATION DEFAULT; RESET ROLE"),
+    (CURSOR, "CLOSE ALL"),
+    (LISTEN, "UNLISTEN *"),
+    (PREPARE, "DEALLOCATE ALL"),
+    (TEMP, "DISCARD TEMP"),
+    (LOCK, "SELECT pg_advisory_unlock_all()"),
+    (GUC, "RESET ALL"),
+)
+
+_NAMES: Final = {
+    GUC: "settings",
+    ROLE: "role",
+    LISTEN: "LISTEN",
+    PREPARE: "PREPARE",
+    TEMP: "temporary objects",
+    LOCK: "advisory locks",
+    CURSOR: "WITH HOLD cursors",
+    LOAD: "LOAD",
+}
+
+# Statements that may start with one of these words are read in full; so is any
+# statement behind a comment, which the full reading skips.
+_KEYWORDS: Final = (
+    "set",
+    "reset",
+    "listen",
+    "prepare",
+    "create",
+    "declare",
+    "load",
+    "discard",
+    "/*",
+    "--",
+)
+
+_SPACE = r"(?:\s+|/\*.*?\*/|--[^\n]*(?:\n|$))"
+# One statement's leading keywords: after the start of the text or a semicolon, and any
+# whitespace and comments.
+_STATEMENT = re.compile(
+    rf"(?:^|;){_SPACE}*("
+    r"set\s+(?:session\s+)?(?:role|authorization|characteristics)\b"
+    r"|set\s+local\b|set\s+transaction\b|set\s+constraints\b|set\b|reset\b|discard\b"
+    r"|listen\b|prepare\s+transaction\b|prepare\b|declare\b|load\b"
+    r"|create\b[^;]*?\b(?:temp|temporary)\s+(?:table|view|sequence)\b"
+    r"|create\b[^;]*?\bpg_temp\s*\."
+    r")",
+    re.DOTALL,
+)
+_ROLE_RESETS = re.compile(
+    r"set\s+(?:session\s+)?role\s+none\b"
+    r"|set\s+session\s+authorization\s+default\b"
+    r"|reset\s+(?:role|session\s+authorization)\b"
+    r"|discard\s+all\b"
+)
+_TRANSACTION_SCOPED = re.compile(r"set\s+(?:local|transaction|constraints)\b")
+_SET_CONFIG = re.compile(r"\bset_config\s*\(")
+_ADVISORY = re.compile(r"\bpg_(?:try_)?advisory_lock(?:_shared)?\s*\(")
+_INTO_TEMP = re.compile(r"\binto\s+(?:temp|temporary|unlogged\s+temp)\b|\binto\s+pg_temp\s*\.")
+_WITH_HOLD = re.compile(r"\bwith\s+hold\b")
+# set_config's third argument, when it is the literal true: transaction-scoped.
+_LOCAL_TRUE = re.compile(r"\s*(?:true|'t'|'true'|'on'|'1')\s*\)")
+
+
+def changes(sql: str) -> int:
+    """The flags of the session state ``sql`` changes (0 for nearly every statement)."""
+    text = sql.lower()
+    if (
+        "temp" in text
+        or "set_config" in text
+        or "advisory" in text
+        or ";" in text
+        or text.lstrip().startswith(_KEYWORDS)
+    ):
+        return _read(text)
+    return 0
+
+
+def _read(text: str) -> int:
+    flags = 0
+    for match in _STATEMENT.finditer(text):
+        flags |= _statement_flags(text, match)
+    if "set_config" in text:
+        for match in _SET_CONFIG.finditer(text):
+            if not _is_local(text, match.end()):
+                flags |= GUC
+    if "advisory" in text and _ADVISORY.search(text):
+        flags |= LOCK
+    if "into" in text and _INTO_TEMP.search(text):
+        flags |= TEMP
+    return flags
+
+
+def _statement_flags(text: str, match: re.Match[str]) -> int:
+    head = match.group(1)
+    word = head.split(None, 1)[0]
+    if word in ("set", "reset", "discard"):
+        if _ROLE_RESETS.match(text, match.start(1)):
+            return ROLE_RESET
+        if word != "set" or _TRANSACTION_SCOPED.match(head):
+            return 0  # back towards the session's defaults, or gone with the transaction
+        if head.endswith(("role", "authorization")):
+            return ROLE
+        return GUC
+    if word == "listen":
+        return LISTEN
+    if word == "prepare":
+        return 0 if head.startswith("prepare transaction") else PREPARE
+    if word == "declare":
+        semicolon = text.find(";", match.end(1))
+        body = text[match.end(1) : semicolon if semicolon >= 0 else len(text)]
+        return CURSOR if _WITH_HOLD.search(body) else 0
+    if word == "load":
+        return LOAD
+    return TEMP  # create ... temp / pg_temp.
+
+
+def _is_local(text: str, start: int) -> bool:
+    """Whether the ``set_config(`` call whose arguments start at ``start`` has the literal
+    ``true`` as its third argument.  Anything else (false, a parameter) counts as a
+    session-wide change."""
+    depth = 0
+    commas = 0
+    quoted = False
+    for index in range(start, min(len(text), start + 2000)):
+        char = text[index]
+        if quoted:
+            if char == "'":
+                quoted = False
+            continue
+        if char == "'":
+            quoted = True
+        elif char == "(":
+            depth += 1
+        elif char == ")":
+            if depth == 0:
+                return False
+            depth -= 1
+        elif char == "," and depth == 0:
+            commas += 1
+            if commas == 2:
+                return _LOCAL_TRUE.match(text, index + 1) is not None
+    return False
+
+
+def undo(flags: int) -> str | None:
+    """The SQL that takes a session back to a new one's state for ``flags``, as one
+    string for one round trip, or None when there is nothing to undo.  ``LOAD`` cannot
+    be undone: the caller closes the session instead."""
+    parts = [sql for flag, sql in _UNDO if flags & flag]
+    return "; ".join(parts) if parts else None
+
+
+def describe(flags: int) -> str:
+    """The changes in ``flags`` in words, for log lines."""
+    return ", ".join(name for flag, name in _NAMES.items() if flags & flag) or "nothing"
