@@ -126,12 +126,15 @@ class TrackedConnection(ext.connection):
 
     def client_state_changed(self) -> bool:
         """Whether the loan left client-side state behind (see :func:`prepare_release`)."""
+        characteristics = self._characteristics
         return bool(
             self.notices
             or self.notifies
-            or self.string_types != self._string_types
             or self.cursor_factory is not self._cursor_factory
-            or (self.isolation_level, self.readonly, self.deferrable) != self._characteristics
+            or self.isolation_level != characteristics[0]
+            or self.readonly != characteristics[1]
+            or self.deferrable != characteristics[2]
+            or self.string_types != self._string_types
         )
 
 
@@ -162,6 +165,8 @@ def prepare_release(conn: Any) -> str | None:
     if not isinstance(conn, TrackedConnection):
         return None
     flags = conn.herokupool_flags
+    if not flags and not conn.client_state_changed():
+        return None  # the common loan: nothing to undo
     conn.herokupool_flags = 0
     if flags & session.LOAD:
         raise SessionNotReusable("a library was loaded into the session (LOAD)")

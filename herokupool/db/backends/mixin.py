@@ -193,6 +193,14 @@ class PooledDatabaseWrapperMixin(_Base):
         loan.held.append((pool, pool.borrow()))
         return loan.held[-1][1]
 
+    def _set_autocommit(self, autocommit: bool) -> None:
+        # Django sets autocommit on every connect(); a pooled connection is lent in
+        # autocommit already, and psycopg2 would send nothing for it: skip the call.
+        connection = self.connection
+        if connection is not None and connection.autocommit == autocommit:
+            return
+        super()._set_autocommit(autocommit)  # type: ignore[misc]
+
     def _configure_connection(self, connection: Any) -> bool:
         # Django's session set-up (time zone, assume_role) runs on every borrow, as on
         # every new connection; what it sends is the session's baseline, not a change
@@ -204,6 +212,19 @@ class PooledDatabaseWrapperMixin(_Base):
             return bool(super()._configure_connection(connection))  # type: ignore[misc]
         finally:
             connection.herokupool_flags = flags
+
+    def _configure_timezone(self, connection: Any) -> bool:
+        # Django's own check, reading the TimeZone the server reports through
+        # get_parameter_status() rather than conn.info.parameter_status(), which
+        # allocates a ConnectionInfo on every connect().
+        if not isinstance(connection, tracked.TrackedConnection):
+            return bool(super()._configure_timezone(connection))  # type: ignore[misc]
+        name = self.timezone_name
+        if name and connection.get_parameter_status("TimeZone") != name:
+            with connection.cursor() as cursor:
+                cursor.execute(self.ops.set_time_zone_sql(), [name])
+            return True
+        return False
 
     def _configure_role(self, connection: Any) -> bool:
         # Django sends SET ROLE on every new connection; a pooled session that has the
@@ -302,11 +323,12 @@ class PooledDatabaseWrapperMixin(_Base):
         # connect().  The pool has not seen a kept connection since lending it, so the
         # check must run; a connection that fails it is discarded, never pooled again.
         if (
-            self._herokupool_pool is None
-            or self.connection is None
+            self.health_check_done  # type: ignore[has-type]
             or not self.health_check_enabled  # type: ignore[attr-defined]  # not in the stubs
-            or self.health_check_done  # type: ignore[has-type]
+            or self.connection is None
         ):
+            return  # what Django's own method returns on too, checked first: every connect()
+        if self._herokupool_pool is None:
             super().close_if_health_check_failed()
             return
         if not self.is_usable():
