@@ -76,7 +76,14 @@ def is_own(sql: str, statements: tuple[str, ...], atomic: bool) -> bool:
     if sql in statements:
         return True
     # atomic(): psycopg2 sends BEGIN (with the isolation level, if set) and Django COMMIT.
-    return atomic and (sql.startswith("BEGIN") or sql == "COMMIT")
+    # With an isolation level set, psycopg2 also sends SET default_transaction_isolation
+    # TO DEFAULT whenever it leaves autocommit, that is at every atomic() block's start,
+    # on a new connection as on a pooled one: the stock engine sends it every request too.
+    return atomic and (
+        sql.startswith("BEGIN")
+        or sql == "COMMIT"
+        or sql == "SET default_transaction_isolation TO DEFAULT"
+    )
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
