@@ -1,0 +1,118 @@
+"""herokupool.session: which statements change session state, and the undo for them."""
+
+from __future__ import annotations
+
+import pytest
+
+from herokupool import session
+from herokupool.session import CURSOR, GUC, LISTEN, LOAD, LOCK, PREPARE, ROLE, ROLE_RESET, TEMP
+
+CHANGES = {
+    # Settings, session-wide.
+    "SET statement_timeout = '5s'": GUC,
+    "set search_path to public": GUC,
+    "  SET TIME ZONE 'UTC'": GUC,
+    "SET SESSION lock_timeout = '2s'": GUC,
+    "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY": GUC,
+    "SELECT set_config('app.tenant', 'a', false)": GUC,
+    "SELECT set_config('app.tenant', %s, %s)": GUC,  # a parameter may be false
+    "SELECT SET_CONFIG('app.tenant', 'a', FALSE)": GUC,
+    "/* tagged */ SET search_path = x": GUC,
+    "-- a comment\nSET search_path = x": GUC,
+    "SELECT 1; SET x.y = 1": GUC,
+    # Roles.
+    "SET ROLE reporting": ROLE,
+    "SET SESSION ROLE reporting": ROLE,
+    "SET SESSION AUTHORIZATION someone": ROLE,
+    # The rest of RDS Proxy's list.
+    "LISTEN channel": LISTEN,
+    "PREPARE fetch_one AS SELECT 1": PREPARE,
+    "CREATE TEMP TABLE t (id int)": TEMP,
+    "create temporary table t as select 1": TEMP,
+    "CREATE GLOBAL TEMPORARY TABLE t (id int)": TEMP,
+    "CREATE OR REPLACE TEMP VIEW v AS SELECT 1": TEMP,
+    "CREATE TABLE pg_temp.t (a int)": TEMP,
+    "SELECT 1 INTO TEMP t": TEMP,
+    "SELECT pg_advisory_lock(1)": LOCK,
+    "SELECT pg_advisory_lock_shared(1, 2)": LOCK,
+    "SELECT pg_try_advisory_lock(%s)": LOCK,
+    'DECLARE "c" CURSOR WITH HOLD FOR SELECT 1': CURSOR,
+    "LOAD 'auto_explain'": LOAD,
+    # Several in one string.
+    "SET ROLE x; LISTEN y": ROLE | LISTEN,
+}
+
+NO_CHANGE = [
+    "SELECT 1",
+    'SELECT "app_item"."id" FROM "app_item" WHERE "app_item"."id" = %s LIMIT 21',
+    "UPDATE t SET a = 1",
+    "INSERT INTO t (temperature) VALUES (1)",
+    "CREATE TABLE weather (temp int)",
+    "SELECT temp FROM weather",
+    # Gone with the transaction.
+    "SET LOCAL statement_timeout = '5s'",
+    "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+    "SET CONSTRAINTS ALL DEFERRED",
+    "SELECT set_config('app.tenant', 'a', true)",
+    "SELECT set_config('app.tenant', 'x,y)', TRUE)",
+    "SELECT pg_advisory_xact_lock(1)",
+    "DECLARE c CURSOR FOR SELECT 1",
+    "PREPARE TRANSACTION 'x'",
+    # Back towards a new session's state.
+    "RESET statement_timeout",
+    "RESET ALL",
+    "UNLISTEN *",
+    "DEALLOCATE ALL",
+    "DISCARD TEMP",
+    "CLOSE ALL",
+    "SELECT pg_advisory_unlock_all()",
+    "SELECT pg_advisory_unlock(1)",
+]
+
+
+@pytest.mark.parametrize(("sql", "flags"), CHANGES.items())
+def test_statements_that_change_the_session_are_recognised(sql: str, flags: int) -> None:
+    assert session.changes(sql) == flags
+
+
+@pytest.mark.parametrize("sql", NO_CHANGE)
+def test_statements_that_leave_nothing_behind_change_nothing(sql: str) -> None:
+    assert session.changes(sql) == 0
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "RESET ROLE",
+        "SET ROLE NONE",
+        "SET SESSION AUTHORIZATION DEFAULT",
+        "RESET SESSION AUTHORIZATION",
+        "DISCARD ALL",
+    ],
+)
+def test_statements_that_end_an_assumed_role_say_so_and_need_no_undo(sql: str) -> None:
+    assert session.changes(sql) == ROLE_RESET
+    assert session.undo(ROLE_RESET) is None
+
+
+def test_every_undo_changes_nothing_itself() -> None:
+    """The pool's own undo must not read as a change, or every later release would
+    send it again."""
+    everything = GUC | ROLE | LISTEN | PREPARE | TEMP | LOCK | CURSOR
+    undo = session.undo(everything)
+    assert undo is not None
+    assert session.changes(undo) & ~ROLE_RESET == 0
+
+
+def test_the_undo_is_one_string_with_the_role_first() -> None:
+    assert session.undo(0) is None
+    assert session.undo(GUC) == "RESET ALL"
+    assert session.undo(GUC | LISTEN | ROLE) == (
+        "SET SESSION AUTHORIZATION DEFAULT; RESET ROLE; UNLISTEN *; RESET ALL"
+    )
+    assert session.undo(LOAD) is None  # cannot be undone: the caller closes the session
+
+
+def test_describe_names_the_changes() -> None:
+    assert session.describe(GUC | LOCK) == "settings, advisory locks"
+    assert session.describe(0) == "nothing"
