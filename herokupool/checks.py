@@ -23,7 +23,16 @@ from django.core.checks import CheckMessage, Error, Warning
 
 from herokupool._redact import scrub
 from herokupool.config import DEFAULT_ENV_PREFIX, is_pooled, missing_env_error, pgbouncer_urls
-from herokupool.options import BY_NAME, OPTIONS, OptionError, parse_options, split_options
+from herokupool.options import (
+    BY_NAME,
+    DJANGO_POOL,
+    DJANGO_POOL_CLASH,
+    OPTIONS,
+    OptionError,
+    django_pool_fix,
+    parse_options,
+    split_options,
+)
 from herokupool.options import parse_bool as parse_flag
 
 __all__ = ["TAG", "check_databases", "check_environment"]
@@ -102,12 +111,14 @@ def _check_alias(alias: str, database: Mapping[str, Any]) -> list[CheckMessage]:
     password = database.get("PASSWORD")
     messages.extend(_check_pool_settings(obj, pool_settings, password))
 
-    if "pool" in libpq_options:
+    django_pool = pool_settings.get(DJANGO_POOL)
+    if django_pool:  # a false one asks for no pool, as Django reads it
+        fix = django_pool_fix(django_pool)
         messages.append(
             Error(
-                "OPTIONS has Django's 'pool' key, which is for Django's own psycopg 3 pool; "
-                "herokupool's engine already pools this alias's connections.",
-                hint="Remove 'pool' from OPTIONS and size the pool with MAX_CONNS instead.",
+                f"OPTIONS[{DJANGO_POOL!r}] ({scrub(repr(django_pool), password)}) "
+                f"{DJANGO_POOL_CLASH}.",
+                hint=fix[:1].upper() + fix[1:],
                 obj=obj,
                 id="herokupool.E004",
             )
@@ -161,6 +172,8 @@ def _check_pool_settings(
     messages: list[CheckMessage] = []
     parsed: dict[str, Any] = {}
     for name, value in pool_settings.items():
+        if name == DJANGO_POOL:
+            continue  # E004
         try:
             parsed[name] = BY_NAME[name].parse(name, value)
         except OptionError as error:

@@ -199,6 +199,36 @@ def test_e004_djangos_pool_key(monkeypatch: pytest.MonkeyPatch) -> None:
     assert ids(run()) == ["herokupool.E004"]
 
 
+def test_e004_names_the_herokupool_setting_for_each_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    pool = {"min_size": 2, "max_size": 8, "num_workers": 2}
+    use(monkeypatch, default=pooled(OPTIONS={"pool": pool, "sslmode": "require"}))
+    [error] = run()
+    assert error.id == "herokupool.E004"
+    assert error.msg == (
+        "OPTIONS['pool'] ({'min_size': 2, 'max_size': 8, 'num_workers': 2}) asks for Django's "
+        "own psycopg 3 pool, but herokupool's engine already pools this alias."
+    )
+    assert error.hint == (
+        "Remove it and put 'MIN_CONNS': 2, 'MAX_CONNS': 8 in OPTIONS instead (with "
+        "herokupool.config(): POOL_MIN_CONNS=2 POOL_MAX_CONNS=8); num_workers has no herokupool "
+        "equivalent."
+    )
+    assert error.obj == "DATABASES['default']"
+
+
+def test_e004_pool_true(monkeypatch: pytest.MonkeyPatch) -> None:
+    use(monkeypatch, default=pooled(OPTIONS={"pool": True, "MAX_CONNS": 8}))
+    [error] = run()
+    assert error.id == "herokupool.E004"
+    assert error.hint == "Remove it (MAX_CONNS sizes herokupool's pool, 4 by default)."
+
+
+@pytest.mark.parametrize("value", [False, None, {}])
+def test_a_false_pool_asks_for_no_pool(monkeypatch: pytest.MonkeyPatch, value: Any) -> None:
+    use(monkeypatch, default=pooled(OPTIONS={"pool": value}))
+    assert run() == []
+
+
 @pytest.mark.parametrize("key", ["max_conns", "min_conns", "timeout", "reset"])
 def test_e005_lower_case_pool_setting(monkeypatch: pytest.MonkeyPatch, key: str) -> None:
     use(monkeypatch, default=pooled(OPTIONS={key: 1}))
