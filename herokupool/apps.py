@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.apps import AppConfig
 from django.core import checks
 
-from herokupool.checks import TAG, check_databases, check_environment
+from herokupool.checks import TAG, check_databases, check_environment, check_libraries
 
 
 class HerokupoolConfig(AppConfig):
@@ -17,3 +17,4 @@ class HerokupoolConfig(AppConfig):
         # checks) passes during Heroku's build while DATABASE_URL is unset there.
         checks.register(check_databases, TAG)
         checks.register(check_environment, TAG)
+        checks.register(check_libraries, TAG)

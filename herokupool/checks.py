@@ -11,6 +11,7 @@ same value rules when it is created, since checks only run when the app is insta
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -23,14 +24,25 @@ from django.core.checks import CheckMessage, Error, Warning
 
 from herokupool._redact import scrub
 from herokupool.config import DEFAULT_ENV_PREFIX, is_pooled, missing_env_error, pgbouncer_urls
-from herokupool.options import BY_NAME, OPTIONS, OptionError, parse_options, split_options
+from herokupool.options import (
+    BY_NAME,
+    DJANGO_POOL,
+    DJANGO_POOL_CLASH,
+    OPTIONS,
+    OptionError,
+    django_pool_fix,
+    parse_options,
+    split_options,
+)
 from herokupool.options import parse_bool as parse_flag
 
-__all__ = ["TAG", "check_databases", "check_environment"]
+__all__ = ["TAG", "check_databases", "check_environment", "check_libraries"]
 
 TAG = "herokupool"
 
 _DOCS = "See docs/configuration.md"
+#: django-cachalot's default CACHALOT_DATABASES: the aliases whose ENGINE is on its list.
+_CACHALOT_DEFAULT = "supported_only"
 #: Environment variables that mean nothing without a herokupool alias.
 _POOL_VARIABLES = (
     *(option.env for option in OPTIONS),
@@ -81,6 +93,60 @@ def check_environment(
     return messages
 
 
+def check_libraries(
+    app_configs: Sequence[AppConfig] | None = None,
+    databases: Sequence[str] | None = None,
+    **kwargs: Any,
+) -> list[CheckMessage]:
+    """Libraries that recognise backends by ENGINE name and skip herokupool's (W005).
+
+    django-cachalot caches the aliases in ``CACHALOT_DATABASES``; its default,
+    ``"supported_only"``, takes the aliases whose ENGINE is on its own list
+    (``cachalot.settings.SUPPORTED_DATABASE_ENGINES``), which has Django's PostgreSQL
+    engine and not herokupool's, so a herokupool alias is silently left uncached.  An
+    explicit list is the user's choice and is left alone.
+    """
+    installed = settings.INSTALLED_APPS
+    if not any(app == "cachalot" or app.startswith("cachalot.") for app in installed):
+        return []
+    if getattr(settings, "CACHALOT_ENABLED", True) is False:
+        return []
+    if getattr(settings, "CACHALOT_DATABASES", _CACHALOT_DEFAULT) != _CACHALOT_DEFAULT:
+        return []
+    pooled = {alias: str(db["ENGINE"]) for alias, db in settings.DATABASES.items() if is_pooled(db)}
+    if not pooled:
+        return []
+    supported = _cachalot_engines()
+    # Setting CACHALOT_DATABASES replaces "supported_only": keep what it already caches.
+    keep = [
+        alias
+        for alias, database in settings.DATABASES.items()
+        if alias in pooled or database.get("ENGINE") in supported
+    ]
+    skipped = " and ".join(f"DATABASES[{alias!r}]" for alias in pooled)
+    return [
+        Warning(
+            f"django-cachalot caches no query on {skipped}: CACHALOT_DATABASES is "
+            f'"{_CACHALOT_DEFAULT}" (its default), which takes only the ENGINE names on '
+            "cachalot's own list, and herokupool's engines are not on it.",
+            hint=f"Name the aliases cachalot is to cache: CACHALOT_DATABASES = {keep!r}, and "
+            "CACHALOT_ADDITIONAL_SUPPORTED_DATABASES = "
+            f"{sorted(set(pooled.values()))!r} where cachalot has it (else silence "
+            "cachalot.W003); or silence herokupool.W005 to leave them uncached.",
+            id="herokupool.W005",
+        )
+    ]
+
+
+def _cachalot_engines() -> frozenset[str]:
+    """cachalot's own ENGINE allow-list, or nothing when it cannot be imported."""
+    try:
+        module = importlib.import_module("cachalot.settings")
+    except ImportError:
+        return frozenset()
+    return frozenset(getattr(module, "SUPPORTED_DATABASE_ENGINES", ()))
+
+
 def _check_alias(alias: str, database: Mapping[str, Any]) -> list[CheckMessage]:
     obj = f"DATABASES[{alias!r}]"
     missing = missing_env_error(database)
@@ -102,12 +168,14 @@ def _check_alias(alias: str, database: Mapping[str, Any]) -> list[CheckMessage]:
     password = database.get("PASSWORD")
     messages.extend(_check_pool_settings(obj, pool_settings, password))
 
-    if "pool" in libpq_options:
+    django_pool = pool_settings.get(DJANGO_POOL)
+    if django_pool:  # a false one asks for no pool, as Django reads it
+        fix = django_pool_fix(django_pool)
         messages.append(
             Error(
-                "OPTIONS has Django's 'pool' key, which is for Django's own psycopg 3 pool; "
-                "herokupool's engine already pools this alias's connections.",
-                hint="Remove 'pool' from OPTIONS and size the pool with MAX_CONNS instead.",
+                f"OPTIONS[{DJANGO_POOL!r}] ({scrub(repr(django_pool), password)}) "
+                f"{DJANGO_POOL_CLASH}.",
+                hint=fix[:1].upper() + fix[1:],
                 obj=obj,
                 id="herokupool.E004",
             )
@@ -161,6 +229,8 @@ def _check_pool_settings(
     messages: list[CheckMessage] = []
     parsed: dict[str, Any] = {}
     for name, value in pool_settings.items():
+        if name == DJANGO_POOL:
+            continue  # E004
         try:
             parsed[name] = BY_NAME[name].parse(name, value)
         except OptionError as error:

@@ -4,7 +4,9 @@
 ``dj_database_url.parse(url, engine=...)`` (herokupool writes no URL parser of its
 own) and then adds what a pooled alias needs: the pool settings in ``OPTIONS``,
 ``CONN_MAX_AGE = 0``, ``sslmode=require`` on Heroku, ``DISABLE_SERVER_SIDE_CURSORS``
-behind PgBouncer.
+behind PgBouncer.  Both take every keyword argument of ``dj_database_url.config()`` and
+``parse()`` too, with the meaning it has under a pool, so that a settings file written for
+dj-database-url (Heroku's Django template) needs only the function's name changed.
 
 Every problem is an :class:`~django.core.exceptions.ImproperlyConfigured` whose one
 sentence names the variable, quotes the bad value and states the rule.  A database
@@ -15,16 +17,18 @@ that no chained exception shows it either.
 from __future__ import annotations
 
 import json
+import math
 import os
 import urllib.parse
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
 from herokupool._redact import scrub
-from herokupool.options import BY_NAME, OptionError, parse_options
+from herokupool.options import BY_NAME, MAX_SECONDS, OptionError, parse_options
 from herokupool.options import parse_bool as parse_flag
 
 __all__ = [
@@ -47,6 +51,14 @@ __all__ = [
 POSTGRESQL_ENGINE = "herokupool.db.backends.postgresql"
 POSTGIS_ENGINE = "herokupool.db.backends.postgis"
 POOLED_ENGINES = frozenset({POSTGRESQL_ENGINE, POSTGIS_ENGINE})
+# The engine= values a PostgreSQL URL may have: Django's engines become herokupool's, which
+# subclass them (herokupool.config() exists to pool; an unpooled alias is dj-database-url's).
+_POOLED_EQUIVALENTS = {
+    "django.db.backends.postgresql": POSTGRESQL_ENGINE,
+    POSTGRESQL_ENGINE: POSTGRESQL_ENGINE,
+    "django.contrib.gis.db.backends.postgis": POSTGIS_ENGINE,
+    POSTGIS_ENGINE: POSTGIS_ENGINE,
+}
 
 #: The variable :func:`config` reads by default, as on Heroku.
 DEFAULT_ENV = "DATABASE_URL"
@@ -71,10 +83,15 @@ def config(
     env: str = DEFAULT_ENV,
     default: str | None = None,
     *,
+    engine: str | None = None,
+    conn_max_age: float | None = 0,
+    conn_health_checks: bool = False,
+    disable_server_side_cursors: bool | None = None,
+    ssl_require: bool | None = None,
+    test_options: Mapping[str, Any] | None = None,
     alias: str = "default",
     postgis: bool = False,
     pgbouncer: bool | None = None,
-    ssl_require: bool | None = None,
     env_prefix: str = DEFAULT_ENV_PREFIX,
     **pool_options: Any,
 ) -> dict[str, dict[str, Any]]:
@@ -88,6 +105,12 @@ def config(
     keyword arguments with the lower-case names (``max_conns=8``).  ``pgbouncer`` and
     ``ssl_require`` default to ``None``: decided from the environment (see
     :func:`parse`; ``{env_prefix}PGBOUNCER`` also turns PgBouncer handling on or off).
+
+    ``engine``, ``conn_max_age``, ``conn_health_checks``, ``disable_server_side_cursors``,
+    ``ssl_require`` and ``test_options`` are dj-database-url's; see :func:`parse` for what
+    each becomes.  herokupool's own settings win where they overlap: ``max_lifetime=`` and
+    ``{env_prefix}MAX_LIFETIME`` over ``conn_max_age``, ``pgbouncer=`` and
+    ``{env_prefix}PGBOUNCER`` over ``disable_server_side_cursors``.
 
     When ``env`` is unset or empty and there is no ``default``, this does not raise
     (settings must import during Heroku's build, which runs collectstatic): the alias
@@ -105,23 +128,40 @@ def config(
     else:
         source = ""
 
+    dj = _DjArguments.checked(
+        "config",
+        engine,
+        conn_max_age,
+        conn_health_checks,
+        disable_server_side_cursors,
+        ssl_require,
+        test_options,
+    )
     settings = _env_settings(env_prefix)
     settings.update(_keyword_settings(pool_options, "config"))
+    dj.fill_in_max_lifetime(settings)
     if pgbouncer is None:
-        pgbouncer = _pgbouncer_from_env(env, url, env_prefix, _password(url))
+        pgbouncer = _pgbouncer_from_env(
+            env, url, env_prefix, _password(url), dj.disable_server_side_cursors
+        )
 
     if not url:
         _parse_pool_settings(settings, secret=None)  # a bad POOL_* fails now, not later
-        return {alias: _missing(env, postgis)}
-    return {alias: _parse(url, source, settings, postgis, pgbouncer, ssl_require, env_prefix)}
+        return {alias: _missing(env, dj.pooled_engine(postgis))}
+    return {alias: _parse(url, source, settings, postgis, pgbouncer, ssl_require, env_prefix, dj)}
 
 
 def parse(
     url: str,
     *,
-    postgis: bool = False,
-    pgbouncer: bool = False,
+    engine: str | None = None,
+    conn_max_age: float | None = 0,
+    conn_health_checks: bool = False,
+    disable_server_side_cursors: bool | None = None,
     ssl_require: bool | None = None,
+    test_options: Mapping[str, Any] | None = None,
+    postgis: bool = False,
+    pgbouncer: bool | None = None,
     **pool_options: Any,
 ) -> dict[str, Any]:
     """Return one alias's settings dict for a database URL; read no POOL_* variable.
@@ -129,7 +169,23 @@ def parse(
     ``postgres://``, ``postgresql://`` and ``pgsql://`` get herokupool's PostgreSQL
     engine (PostGIS with ``postgis=True``), ``postgis://`` its PostGIS engine; other
     schemes dj-database-url knows (``sqlite://``, ``mysql://``, ...) pass through
-    unpooled, exactly as ``dj_database_url.parse`` returns them.
+    unpooled, exactly as ``dj_database_url.parse`` returns them given the same
+    ``engine``, ``conn_max_age``, ``conn_health_checks``, ``disable_server_side_cursors``
+    and ``test_options`` (not ``ssl_require``: it is PostgreSQL's ``sslmode``, which
+    ``sqlite3.connect()`` would refuse).
+
+    dj-database-url's arguments on a pooled alias:
+
+    - ``engine``: Django's or herokupool's PostgreSQL or PostGIS engine, giving herokupool's
+      (``postgis=True`` must agree); any other engine is refused;
+    - ``conn_max_age`` becomes ``MAX_LIFETIME`` (0, the default, leaves it unset; ``None``
+      turns recycling off) unless ``max_lifetime=`` is given: a kept connection's age limit
+      is what the pool's lifetime is, while ``CONN_MAX_AGE`` itself stays 0;
+    - ``conn_health_checks`` adds nothing: ``CONN_HEALTH_CHECKS`` stays False, as the pool
+      validates a connection idle for ``VALIDATE_AFTER`` before lending it;
+    - ``disable_server_side_cursors`` sets ``DISABLE_SERVER_SIDE_CURSORS`` unless
+      ``pgbouncer=`` is given;
+    - ``test_options`` becomes ``TEST``.
 
     On a pooled alias:
 
@@ -143,14 +199,26 @@ def parse(
       SSL gets an error saying why (see :func:`with_ssl_hint`);
     - ``pgbouncer=True`` sets ``DISABLE_SERVER_SIDE_CURSORS``.
 
-    Raises ``ImproperlyConfigured`` for a bad pool setting, an unknown scheme, a
-    malformed URL, a pool setting in the query string, a URL that names no database and
-    a password whose unencoded ``/``, ``?`` or ``#`` split the URL; ``TypeError`` for an
-    unknown keyword argument.
+    Raises ``ImproperlyConfigured`` for a bad pool setting or dj-database-url argument, an
+    unknown scheme, a malformed URL, a pool setting in the query string, a URL that names
+    no database and a password whose unencoded ``/``, ``?`` or ``#`` split the URL;
+    ``TypeError`` for an unknown keyword argument.
     """
+    dj = _DjArguments.checked(
+        "parse",
+        engine,
+        conn_max_age,
+        conn_health_checks,
+        disable_server_side_cursors,
+        ssl_require,
+        test_options,
+    )
     settings = _keyword_settings(pool_options, "parse")
+    dj.fill_in_max_lifetime(settings)
+    if pgbouncer is None:
+        pgbouncer = bool(dj.disable_server_side_cursors)
     source = "the URL passed to herokupool.parse()"
-    return _parse(url, source, settings, postgis, pgbouncer, ssl_require, None)
+    return _parse(url, source, settings, postgis, pgbouncer, ssl_require, None, dj)
 
 
 def missing_env_error(settings_dict: Mapping[str, Any]) -> ImproperlyConfigured | None:
@@ -237,9 +305,9 @@ def _keyword_settings(pool_options: Mapping[str, Any], function: str) -> _Settin
     return settings
 
 
-def _missing(env: str, postgis: bool) -> dict[str, Any]:
+def _missing(env: str, engine: str) -> dict[str, Any]:
     return {
-        "ENGINE": POSTGIS_ENGINE if postgis else POSTGRESQL_ENGINE,
+        "ENGINE": engine,
         "NAME": "",
         "USER": "",
         "PASSWORD": "",
@@ -259,6 +327,7 @@ def _parse(
     pgbouncer: bool,
     ssl_require: bool | None,
     env_prefix: str | None,
+    dj: _DjArguments,
 ) -> dict[str, Any]:
     """Settings for ``url``; ``env_prefix`` is None for :func:`parse`, which reads no
     variable."""
@@ -268,12 +337,19 @@ def _parse(
     except ValueError:
         _malformed(source)
     scheme = parts.scheme
-    if scheme in _POSTGRES_SCHEMES:
-        engine: str | None = POSTGIS_ENGINE if postgis else POSTGRESQL_ENGINE
-    elif scheme == "postgis":
+    engine: str | None
+    if scheme == "postgis" and dj.engine is None:
         engine = POSTGIS_ENGINE
+    elif scheme in _POSTGRES_SCHEMES or scheme == "postgis":
+        engine = dj.pooled_engine(postgis)
     else:
         engine = None
+        if dj.engine in POOLED_ENGINES:
+            _fail(
+                f"{_capital(dj.label('engine'))} ({_quote(dj.engine, None)}) needs a postgres:// "
+                f"URL, and {source} has the scheme {_scheme_text(scheme, secret)}; leave engine "
+                "out for that URL."
+            )
     if engine is not None and _password_split(parts):
         _fail(
             f"{_capital(source)} has an '@' after its host (its value is not shown: it may hold "
@@ -284,11 +360,24 @@ def _parse(
     parsed: dict[str, Any]
     try:
         if engine is None:
-            parsed = dict(dj_database_url.parse(url))
+            parsed = dict(
+                dj_database_url.parse(
+                    url,
+                    engine=dj.engine,
+                    conn_max_age=dj.conn_max_age,
+                    conn_health_checks=dj.conn_health_checks,
+                    disable_server_side_cursors=bool(dj.disable_server_side_cursors),
+                    test_options=dj.test_options,
+                )
+            )
         else:
             parsed = dict(
                 dj_database_url.parse(
-                    url, engine=engine, conn_max_age=0, disable_server_side_cursors=pgbouncer
+                    url,
+                    engine=engine,
+                    conn_max_age=0,
+                    disable_server_side_cursors=pgbouncer,
+                    test_options=dj.test_options,
                 )
             )
     except dj_database_url.UnknownSchemeError:
@@ -345,6 +434,120 @@ def _parse(
     return parsed
 
 
+@dataclass(frozen=True)
+class _DjArguments:
+    """dj-database-url's keyword arguments to config() or parse(), checked."""
+
+    function: str  # "config" or "parse", for messages
+    engine: str | None
+    conn_max_age: Any  # None or a number of seconds (dj-database-url types it int | None)
+    conn_health_checks: bool
+    disable_server_side_cursors: bool | None
+    test_options: dict[str, Any] | None
+
+    @classmethod
+    def checked(
+        cls,
+        function: str,
+        engine: object,
+        conn_max_age: object,
+        conn_health_checks: object,
+        disable_server_side_cursors: object,
+        ssl_require: object,
+        test_options: object,
+    ) -> _DjArguments:
+        """Check each argument's type and range; ``ssl_require`` is herokupool's own
+        (True, False or None) and only checked here."""
+
+        def refuse(keyword: str, value: object, rule: str) -> NoReturn:
+            _refuse_argument(function, keyword, value, rule)
+
+        if engine is not None and not isinstance(engine, str):
+            refuse(
+                "engine",
+                engine,
+                f"must be a dotted module path such as {POSTGRESQL_ENGINE!r}, or None.",
+            )
+        if conn_max_age is not None and not (
+            isinstance(conn_max_age, int | float)
+            and not isinstance(conn_max_age, bool)
+            and math.isfinite(conn_max_age)
+            and 0 <= conn_max_age <= MAX_SECONDS
+        ):
+            refuse(
+                "conn_max_age",
+                conn_max_age,
+                f"must be None, 0 or a number of seconds up to {MAX_SECONDS:.0f} (one day); "
+                "under the pool it becomes MAX_LIFETIME, the age at which a connection is "
+                "replaced.",
+            )
+        if not isinstance(conn_health_checks, bool):
+            refuse("conn_health_checks", conn_health_checks, "must be True or False.")
+        for name, value, decided_from in (
+            ("disable_server_side_cursors", disable_server_side_cursors, "PgBouncer"),
+            ("ssl_require", ssl_require, "DYNO"),
+        ):
+            if value is not None and not isinstance(value, bool):
+                refuse(name, value, f"must be True, False or None (decided from {decided_from}).")
+        if test_options is not None and not isinstance(test_options, Mapping):
+            refuse(
+                "test_options", test_options, "must be a dict of Django's TEST settings, or None."
+            )
+        return cls(
+            function,
+            engine,
+            conn_max_age,
+            conn_health_checks,
+            disable_server_side_cursors,  # type: ignore[arg-type]  # checked above
+            dict(test_options) if test_options else None,
+        )
+
+    def label(self, keyword: str) -> str:
+        return _argument_label(self.function, keyword)
+
+    def fill_in_max_lifetime(self, settings: _Settings) -> None:
+        """Let ``conn_max_age`` set MAX_LIFETIME where herokupool's own settings did not.
+
+        Django replaces a kept connection older than CONN_MAX_AGE; under a pool that is
+        the pool's lifetime.  0 (dj-database-url's default: no connection kept) says
+        nothing about it; None (kept for ever) turns recycling off.
+        """
+        if self.conn_max_age != 0 and "MAX_LIFETIME" not in settings:
+            settings["MAX_LIFETIME"] = (self.conn_max_age, self.label("conn_max_age"))
+
+    def pooled_engine(self, postgis: bool) -> str:
+        """herokupool's engine for a PostgreSQL URL, from ``engine`` and ``postgis``."""
+        if self.engine is None:
+            return POSTGIS_ENGINE if postgis else POSTGRESQL_ENGINE
+        pooled = _POOLED_EQUIVALENTS.get(self.engine)
+        if pooled is None:
+            _refuse_argument(
+                self.function,
+                "engine",
+                self.engine,
+                "is not an engine herokupool pools; pass Django's or herokupool's PostgreSQL "
+                "or PostGIS engine, or leave it out and set ENGINE on the alias "
+                f"herokupool.{self.function}() returns (see the README, 'Libraries that check "
+                "ENGINE names').",
+            )
+        if postgis and pooled != POSTGIS_ENGINE:
+            _refuse_argument(
+                self.function,
+                "engine",
+                self.engine,
+                "is no PostGIS engine, but postgis=True asks for one; pass one of the two.",
+            )
+        return pooled
+
+
+def _argument_label(function: str, keyword: str) -> str:
+    return f"the {keyword} argument of herokupool.{function}()"
+
+
+def _refuse_argument(function: str, keyword: str, value: object, rule: str) -> NoReturn:
+    _fail(f"{_capital(_argument_label(function, keyword))} ({_quote(value, None)}) {rule}")
+
+
 def _password_split(parts: urllib.parse.SplitResult) -> bool:
     """Whether the URL has the shape an unencoded ``/``, ``?`` or ``#`` in its password
     leaves.
@@ -390,13 +593,18 @@ def _parse_pool_settings(settings: _Settings, secret: str | None) -> dict[str, A
     return parsed
 
 
-def _pgbouncer_from_env(env: str, url: str, prefix: str, secret: str | None) -> bool:
+def _pgbouncer_from_env(
+    env: str, url: str, prefix: str, secret: str | None, disable_server_side_cursors: bool | None
+) -> bool:
     flag = os.environ.get(prefix + "PGBOUNCER")
     if flag is not None:
         try:
             return parse_flag(prefix + "PGBOUNCER", flag)
         except OptionError as error:
             _fail(f"{prefix}PGBOUNCER ({_quote(flag, secret)}) {error.rule}")
+    if disable_server_side_cursors is not None:
+        # dj-database-url's argument: below herokupool's own settings, above a guess.
+        return disable_server_side_cursors
     if _is_pgbouncer_env(env):
         return True
     # DATABASE_URL set to a copy of one of those variables' values.

@@ -16,12 +16,16 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "DJANGO_POOL",
+    "DJANGO_POOL_CLASH",
+    "DJANGO_POOL_EQUIVALENTS",
     "MAX_CONNECTIONS",
     "MAX_SECONDS",
     "OPTIONS",
     "POOL_SETTINGS",
     "OptionError",
     "PoolOption",
+    "django_pool_fix",
     "parse_bool",
     "parse_options",
     "split_options",
@@ -210,12 +214,76 @@ BY_NAME: Mapping[str, PoolOption] = {option.name: option for option in OPTIONS}
 POOL_SETTINGS: frozenset[str] = frozenset(BY_NAME)
 
 
+#: Django's ``OPTIONS`` key for its own psycopg 3 pool: True, or psycopg_pool keyword arguments.
+DJANGO_POOL = "pool"
+#: psycopg_pool's keyword -> the herokupool setting that means the same.  The others
+#: (``num_workers``, ``reconnect_timeout``, ...) have no equivalent.
+DJANGO_POOL_EQUIVALENTS: Mapping[str, str] = {
+    "min_size": "MIN_CONNS",
+    "max_size": "MAX_CONNS",
+    "timeout": "TIMEOUT",
+    "max_lifetime": "MAX_LIFETIME",
+    "max_idle": "MAX_IDLE",
+    "max_waiting": "MAX_WAITING",
+}
+#: Why a true ``OPTIONS["pool"]`` is refused (completed by :func:`django_pool_fix`).
+DJANGO_POOL_CLASH = (
+    "asks for Django's own psycopg 3 pool, but herokupool's engine already pools this alias"
+)
+_SIZED_BY_DEFAULT = f"MAX_CONNS sizes herokupool's pool, {BY_NAME['MAX_CONNS'].default} by default"
+
+
+def django_pool_fix(value: object) -> str:
+    """What to write instead of Django's ``OPTIONS["pool"]`` value: a clause starting
+    "remove it", naming the herokupool setting (and POOL_ variable) for each key.
+
+    The keys are refused rather than mapped in silence: psycopg_pool's defaults differ
+    (``min_size`` 4 held open, ``max_waiting=0`` unlimited), and Django itself acts on the
+    key (its psycopg 3 pool), so it must not stay in OPTIONS.  The values are translated
+    so the suggestion builds the same pool: ``max_size`` defaults to ``min_size``,
+    ``max_waiting=0`` is ``MAX_WAITING`` none.
+    """
+    settings: dict[str, Any] = {}
+    unknown: list[str] = []
+    if isinstance(value, Mapping):
+        for key, setting in value.items():
+            name = DJANGO_POOL_EQUIVALENTS.get(key)
+            if name is None:
+                unknown.append(str(key))
+            elif name == "MAX_WAITING" and setting == 0:
+                settings[name] = None
+            else:
+                settings[name] = setting
+        if "MIN_CONNS" in settings and "MAX_CONNS" not in settings:
+            settings["MAX_CONNS"] = settings["MIN_CONNS"]
+    # In psycopg_pool's order (min_size, max_size, ...), whatever the dict's.
+    order = list(DJANGO_POOL_EQUIVALENTS.values())
+    settings = dict(sorted(settings.items(), key=lambda item: order.index(item[0])))
+    none = (
+        f"{' and '.join(unknown)} {'has' if len(unknown) == 1 else 'have'} no herokupool equivalent"
+    )
+    if not settings:
+        sized = f"{none}; {_SIZED_BY_DEFAULT}" if unknown else _SIZED_BY_DEFAULT
+        return f"remove it ({sized})."
+    put = ", ".join(f"{name!r}: {setting!r}" for name, setting in settings.items())
+    env = " ".join(
+        f"{BY_NAME[name].env}={'none' if setting is None else setting}"
+        for name, setting in settings.items()
+    )
+    fix = f"remove it and put {put} in OPTIONS instead (with herokupool.config(): {env})"
+    return f"{fix}; {none}." if unknown else f"{fix}."
+
+
 def split_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Split a database alias's ``OPTIONS`` into (pool settings, libpq options)."""
+    """Split a database alias's ``OPTIONS`` into (pool settings, libpq options).
+
+    Django's ``"pool"`` key goes with the pool settings, where :func:`parse_options`
+    refuses a true value: it is never a libpq parameter.
+    """
     pool: dict[str, Any] = {}
     libpq: dict[str, Any] = {}
     for key, value in options.items():
-        (pool if key in BY_NAME else libpq)[key] = value
+        (pool if key in BY_NAME or key == DJANGO_POOL else libpq)[key] = value
     return pool, libpq
 
 
@@ -223,9 +291,16 @@ def parse_options(raw: Mapping[str, Any]) -> dict[str, Any]:
     """Parse upper-case pool settings into ``ConnectionPool`` keyword arguments.
 
     Missing settings take their defaults.  Raises :class:`OptionError` for the first
-    bad value, and for ``MIN_CONNS`` greater than ``MAX_CONNS`` (with ``name``
-    ``"MIN_CONNS"``).
+    bad value, for ``MIN_CONNS`` greater than ``MAX_CONNS`` (with ``name``
+    ``"MIN_CONNS"``), and for a true Django ``"pool"`` (with ``name`` ``"pool"`` and a
+    rule naming the herokupool settings to use instead); a false one asks for no pool
+    and is ignored, as Django ignores it.
     """
+    if DJANGO_POOL in raw:
+        value = raw[DJANGO_POOL]
+        if value:
+            raise OptionError(DJANGO_POOL, value, f"{DJANGO_POOL_CLASH}; {django_pool_fix(value)}")
+        raw = {name: setting for name, setting in raw.items() if name != DJANGO_POOL}
     unknown = set(raw) - set(BY_NAME)
     if unknown:
         name = sorted(unknown)[0]

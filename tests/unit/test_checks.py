@@ -5,6 +5,8 @@ from __future__ import annotations
 import inspect
 import os
 import re
+import sys
+import types
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +17,8 @@ from django.core.management import call_command
 from django.core.management.base import SystemCheckError
 
 import herokupool.checks
-from herokupool.checks import TAG, check_databases, check_environment
-from herokupool.config import MISSING_ENV_KEY, POSTGRESQL_ENGINE, config
+from herokupool.checks import TAG, check_databases, check_environment, check_libraries
+from herokupool.config import MISSING_ENV_KEY, POSTGIS_ENGINE, POSTGRESQL_ENGINE, config
 
 PASSWORD = "Zq7-hunter2-SECRET"
 
@@ -53,7 +55,11 @@ def pooled(**extra: Any) -> dict[str, Any]:
 
 
 def run() -> list[CheckMessage]:
-    return check_databases(app_configs=None) + check_environment(app_configs=None)
+    return (
+        check_databases(app_configs=None)
+        + check_environment(app_configs=None)
+        + check_libraries(app_configs=None)
+    )
 
 
 def ids(messages: list[CheckMessage]) -> list[str]:
@@ -64,6 +70,7 @@ def test_checks_are_registered_under_their_own_tag() -> None:
     checks = registry.registry.get_checks()
     assert check_databases in checks
     assert check_environment in checks
+    assert check_libraries in checks
     assert TAG in registry.registry.tags_available()
     assert tuple(check_databases.tags) == (TAG,)  # type: ignore[attr-defined]
 
@@ -197,6 +204,36 @@ def test_e003_min_above_max(
 def test_e004_djangos_pool_key(monkeypatch: pytest.MonkeyPatch) -> None:
     use(monkeypatch, default=pooled(OPTIONS={"pool": {"max_size": 4}}))
     assert ids(run()) == ["herokupool.E004"]
+
+
+def test_e004_names_the_herokupool_setting_for_each_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    pool = {"min_size": 2, "max_size": 8, "num_workers": 2}
+    use(monkeypatch, default=pooled(OPTIONS={"pool": pool, "sslmode": "require"}))
+    [error] = run()
+    assert error.id == "herokupool.E004"
+    assert error.msg == (
+        "OPTIONS['pool'] ({'min_size': 2, 'max_size': 8, 'num_workers': 2}) asks for Django's "
+        "own psycopg 3 pool, but herokupool's engine already pools this alias."
+    )
+    assert error.hint == (
+        "Remove it and put 'MIN_CONNS': 2, 'MAX_CONNS': 8 in OPTIONS instead (with "
+        "herokupool.config(): POOL_MIN_CONNS=2 POOL_MAX_CONNS=8); num_workers has no herokupool "
+        "equivalent."
+    )
+    assert error.obj == "DATABASES['default']"
+
+
+def test_e004_pool_true(monkeypatch: pytest.MonkeyPatch) -> None:
+    use(monkeypatch, default=pooled(OPTIONS={"pool": True, "MAX_CONNS": 8}))
+    [error] = run()
+    assert error.id == "herokupool.E004"
+    assert error.hint == "Remove it (MAX_CONNS sizes herokupool's pool, 4 by default)."
+
+
+@pytest.mark.parametrize("value", [False, None, {}])
+def test_a_false_pool_asks_for_no_pool(monkeypatch: pytest.MonkeyPatch, value: Any) -> None:
+    use(monkeypatch, default=pooled(OPTIONS={"pool": value}))
+    assert run() == []
 
 
 @pytest.mark.parametrize("key", ["max_conns", "min_conns", "timeout", "reset"])
@@ -423,8 +460,97 @@ def test_every_check_id_is_documented() -> None:
     used = set(re.findall(r'"(herokupool\.[EW]\d{3})"', source))
     assert used == {
         *(f"herokupool.E00{n}" for n in range(1, 7)),
-        *(f"herokupool.W00{n}" for n in range(1, 5)),
+        *(f"herokupool.W00{n}" for n in range(1, 6)),
     }
     docs = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text(encoding="utf-8")
     for check_id in sorted(used):
         assert f"| `{check_id}` |" in docs
+
+
+# --- W005: django-cachalot skips herokupool's engines -----------------------------------
+
+SQLITE = {"ENGINE": "django.db.backends.sqlite3", "NAME": "legacy.sqlite3"}
+
+
+@pytest.fixture
+def cachalot(monkeypatch: pytest.MonkeyPatch) -> None:
+    """cachalot in INSTALLED_APPS with its settings unset (the checks read settings only)."""
+    monkeypatch.setattr(settings, "INSTALLED_APPS", [*settings.INSTALLED_APPS, "cachalot"])
+    for name in ("CACHALOT_DATABASES", "CACHALOT_ENABLED"):
+        monkeypatch.delattr(settings, name, raising=False)
+
+
+@pytest.mark.usefixtures("cachalot")
+@pytest.mark.parametrize("explicit", [False, True])
+def test_w005_cachalots_default_skips_herokupool_aliases(
+    monkeypatch: pytest.MonkeyPatch, explicit: bool
+) -> None:
+    if explicit:
+        monkeypatch.setattr(settings, "CACHALOT_DATABASES", "supported_only", raising=False)
+    use(monkeypatch, default=pooled(), geo=pooled(ENGINE=POSTGIS_ENGINE), legacy=SQLITE)
+    [warning] = run()
+    assert warning.id == "herokupool.W005"
+    assert warning.msg == (
+        "django-cachalot caches no query on DATABASES['default'] and DATABASES['geo']: "
+        'CACHALOT_DATABASES is "supported_only" (its default), which takes only the ENGINE '
+        "names on cachalot's own list, and herokupool's engines are not on it."
+    )
+    # cachalot's list is not importable here: the hint names the herokupool aliases.
+    assert warning.hint == (
+        "Name the aliases cachalot is to cache: CACHALOT_DATABASES = ['default', 'geo'], and "
+        "CACHALOT_ADDITIONAL_SUPPORTED_DATABASES = ['herokupool.db.backends.postgis', "
+        "'herokupool.db.backends.postgresql'] where cachalot has it (else silence "
+        "cachalot.W003); or silence herokupool.W005 to leave them uncached."
+    )
+    assert not warning.is_serious()
+
+
+@pytest.mark.usefixtures("cachalot")
+def test_w005_hint_keeps_the_aliases_cachalot_already_caches(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake = types.ModuleType("cachalot.settings")
+    fake.SUPPORTED_DATABASE_ENGINES = {"django.db.backends.sqlite3"}  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "cachalot.settings", fake)
+    use(monkeypatch, default=pooled(), legacy=SQLITE)
+    [warning] = run()
+    assert "CACHALOT_DATABASES = ['default', 'legacy']," in (warning.hint or "")
+
+
+@pytest.mark.usefixtures("cachalot")
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("CACHALOT_DATABASES", ["default"]),
+        # An explicit list is the user's choice, whatever it leaves out.
+        ("CACHALOT_DATABASES", ("legacy",)),
+        ("CACHALOT_DATABASES", frozenset()),
+        ("CACHALOT_ENABLED", False),
+    ],
+)
+def test_w005_not_when_cachalot_is_told(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: object
+) -> None:
+    monkeypatch.setattr(settings, name, value, raising=False)
+    use(monkeypatch, default=pooled(), legacy=SQLITE)
+    assert run() == []
+
+
+def test_w005_not_without_cachalot(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(settings, "CACHALOT_DATABASES", raising=False)
+    use(monkeypatch, default=pooled())
+    assert run() == []
+
+
+@pytest.mark.usefixtures("cachalot")
+def test_w005_not_without_a_herokupool_alias(monkeypatch: pytest.MonkeyPatch) -> None:
+    use(monkeypatch, default=SQLITE)
+    assert run() == []
+
+
+def test_w005_sees_cachalots_app_config_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    apps = [*settings.INSTALLED_APPS, "cachalot.apps.CachalotConfig"]
+    monkeypatch.setattr(settings, "INSTALLED_APPS", apps)
+    monkeypatch.delattr(settings, "CACHALOT_DATABASES", raising=False)
+    use(monkeypatch, default=pooled())
+    assert ids(run()) == ["herokupool.W005"]

@@ -430,7 +430,7 @@ def test_bad_keyword_argument_value_is_an_error() -> None:
     )
 
 
-@pytest.mark.parametrize("keyword", ["max_con", "MAX_CONNS", "conn_max_age", "pool"])
+@pytest.mark.parametrize("keyword", ["max_con", "MAX_CONNS", "CONN_MAX_AGE", "pool"])
 def test_unknown_keyword_argument_is_a_type_error(keyword: str) -> None:
     with pytest.raises(
         TypeError, match=f"config\\(\\) got an unexpected keyword argument '{keyword}'"
