@@ -89,12 +89,11 @@ class Config:
         elif self.name == "herokupool":
             database["ENGINE"] = "herokupool.db.backends.postgresql"
             options.update({"MAX_CONNS": size, "TIMEOUT": timeout})
-        elif self.name == "herokupool-connect":
-            database["ENGINE"] = "herokupool.db.backends.postgresql"
-            options.update({"MAX_CONNS": size, "TIMEOUT": timeout, "CONNECT_PER_BORROW": True})
-        elif self.name == "herokupool-transaction":
-            database["ENGINE"] = "bench.txmode"
-            options.update({"MAX_CONNS": size, "TIMEOUT": timeout})
+        elif self.name == "heroku-template":
+            # Heroku's getting-started app: dj_database_url.config(conn_max_age=600,
+            # conn_health_checks=True): a connection per thread, checked per request.
+            database["CONN_MAX_AGE"] = 600
+            database["CONN_HEALTH_CHECKS"] = True
         elif self.name != "no-pool":
             raise ValueError(f"unknown configuration {self.name!r}")
         return {
@@ -159,18 +158,12 @@ CONFIGS: tuple[Config, ...] = (
     ),
     Config("herokupool", "herokupool", "psycopg2", pooled=True),
     Config(
-        "herokupool-connect",
-        "herokupool, CONNECT_PER_BORROW (0.1's behaviour)",
-        "psycopg2",
-        pooled=True,
-        note="Django's full connect() on every borrow, as herokupool 0.1 did",
-    ),
-    Config(
-        "herokupool-transaction",
-        "herokupool, per-statement prototype (not shipped)",
-        "psycopg2",
-        pooled=True,
-        note="bench.txmode: the connection goes back after every autocommit statement",
+        "heroku-template",
+        "Heroku's Django template (psycopg 3, CONN_MAX_AGE=600, health checks)",
+        "psycopg3",
+        pooled=False,
+        note="stock backend on psycopg 3 with CONN_MAX_AGE=600 and CONN_HEALTH_CHECKS=True, "
+        "as heroku/python-getting-started configures it: one connection per thread",
     ),
 )
 

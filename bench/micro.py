@@ -2,8 +2,9 @@
 
 ``python -m bench.micro`` (run by the coordinator; prints one JSON object):
 
-- reference units: one ``SELECT 1`` round trip (psycopg2 and psycopg 3) and one
-  ``psycopg2.connect()`` + ``close()``;
+- reference units: one ``SELECT 1`` round trip (psycopg2, psycopg2 through herokupool's
+  session-tracking cursor, and psycopg 3), the recognition of session changes in one
+  ORM statement alone, and one ``psycopg2.connect()`` + ``close()``;
 - one uncontended borrow + release of herokupool's ``ConnectionPool``, psycopg2's
   ``ThreadedConnectionPool``, psycopg_pool's ``ConnectionPool`` and SQLAlchemy's
   ``QueuePool`` (plain, and with ``pre_ping=True`` as django-db-connection-pool sets it);
@@ -32,11 +33,17 @@ import psycopg_pool
 from sqlalchemy.dialects.postgresql.psycopg2 import PGDialect_psycopg2
 from sqlalchemy.pool import QueuePool
 
+from herokupool import session, tracked
 from herokupool.pool import ConnectionPool
 
 perf_counter = time.perf_counter
 SIZE = 4
 CONTENDED_THREADS = 8
+#: A statement as Django's ORM writes it, for the cost of recognising session changes.
+ORM_STATEMENT = (
+    'SELECT "app_item"."id", "app_item"."name", "app_item"."value" FROM "app_item" '
+    'WHERE "app_item"."id" = %s LIMIT 21'
+)
 
 
 def _pg2(dsn: str) -> Any:
@@ -167,8 +174,18 @@ def main() -> None:
 
     pg2 = _pg2(args.dsn)
     pg3 = psycopg.connect(args.dsn, autocommit=True)
+    tracked_conn = psycopg2.connect(args.dsn, connection_factory=tracked.TrackedConnection)
+    tracked_conn.autocommit = True
     cur2 = pg2.cursor()
     cur3 = pg3.cursor()
+    tracked_cursor = tracked_conn.cursor()
+
+    def select_tracked() -> None:
+        tracked_cursor.execute("SELECT 1")
+        tracked_cursor.fetchone()
+
+    def detect() -> None:
+        session.changes(ORM_STATEMENT)
 
     def select2() -> None:
         cur2.execute("SELECT 1")
@@ -183,7 +200,9 @@ def main() -> None:
 
     references: dict[str, tuple[Callable[[], None], int]] = {
         "SELECT 1 round trip (psycopg2)": (select2, 50),
+        "SELECT 1 round trip (psycopg2, herokupool's tracking cursor)": (select_tracked, 50),
         "SELECT 1 round trip (psycopg 3)": (select3, 50),
+        "session-state detection of one ORM statement": (detect, 1000),
         "psycopg2.connect() + close()": (connect2, 5),
     }
     pools = Pools(args.dsn)
@@ -202,6 +221,7 @@ def main() -> None:
     pools.close()
     pg2.close()
     pg3.close()
+    tracked_conn.close()
     result = {
         "references": {name: summarize(samples[name]) for name in references},
         "borrow_release": {name: summarize(samples[name]) for name in pools.pools},

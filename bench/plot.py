@@ -30,9 +30,7 @@ STYLES: dict[str, dict[str, Any]] = {
     "pgbouncer": {"color": "#8c564b", "marker": "P"},
     "pgbouncer-connect": {"color": "#c49c94", "linestyle": ":", "marker": "P"},
     HEROKUPOOL: {"color": "#d62728", "marker": "*", "linewidth": 2.5, "markersize": 11},
-    "herokupool-lending": {"color": "#e377c2", "marker": "*", "linestyle": "-."},
-    "herokupool-connect": {"color": "#ff9896", "marker": "*", "linestyle": "-."},
-    "herokupool-transaction": {"color": "#17becf", "marker": "*", "linestyle": "--"},
+    "heroku-template": {"color": "#17becf", "marker": "v", "linestyle": "--"},
 }
 
 

@@ -487,6 +487,8 @@ def test_w005_cachalots_default_skips_herokupool_aliases(
 ) -> None:
     if explicit:
         monkeypatch.setattr(settings, "CACHALOT_DATABASES", "supported_only", raising=False)
+    # As where cachalot's own list cannot be imported (the test extra installs cachalot).
+    monkeypatch.setitem(sys.modules, "cachalot.settings", None)
     use(monkeypatch, default=pooled(), geo=pooled(ENGINE=POSTGIS_ENGINE), legacy=SQLITE)
     [warning] = run()
     assert warning.id == "herokupool.W005"

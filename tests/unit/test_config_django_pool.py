@@ -110,12 +110,6 @@ def backend_connect_error(options: dict[str, Any]) -> str:
         registry.close(alias)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="backend hand-off: on psycopg2 Django's get_connection_params() refuses a true "
-    "'pool' first ('Database pooling requires psycopg >= 3', which suggests the wrong fix); "
-    "the backend must run parse_options(split_options(OPTIONS)[0]) before calling it.",
-)
 def test_the_backend_says_which_settings_replace_djangos_pool() -> None:
     message = backend_connect_error({"pool": {"max_size": 8}})
     assert message == (

@@ -137,6 +137,9 @@ class PooledDatabaseWrapperMixin(_Base):
             error = missing_env_error(settings_dict)
             if error is not None:
                 raise error
+        # The pool settings first: Django's own refusal of OPTIONS["pool"] on psycopg2
+        # ("requires psycopg >= 3") would point at the wrong fix.
+        self._herokupool_pool_kwargs()
         params = super().get_connection_params()  # has every OPTIONS key, ours included
         for name in POOL_SETTINGS.intersection(params):
             del params[name]
@@ -262,15 +265,20 @@ class PooledDatabaseWrapperMixin(_Base):
         self._herokupool_last = (dict(conn_params), dict(options), pool)
         return pool
 
-    def _new_pool(self, conn_params: dict[str, Any]) -> ConnectionPool:
+    def _herokupool_pool_kwargs(self) -> dict[str, Any]:
+        """The pool's keyword arguments from OPTIONS; raises ``ImproperlyConfigured``
+        naming the alias and the key for a bad value."""
         settings, _ = split_options(self.settings_dict["OPTIONS"])
         try:
-            kwargs = parse_options(settings)
+            return parse_options(settings)
         except OptionError as error:
             raise ImproperlyConfigured(
                 f"DATABASES[{self.alias!r}]['OPTIONS']['{error.name}'] ({error.value!r}) "
                 f"{error.rule}"
             ) from None
+
+    def _new_pool(self, conn_params: dict[str, Any]) -> ConnectionPool:
+        kwargs = self._herokupool_pool_kwargs()
         params = dict(conn_params)
         # Bound the time a borrower can spend connecting to an unreachable server.
         params.setdefault("connect_timeout", max(2, math.ceil(kwargs["timeout"])))
