@@ -204,7 +204,7 @@ OPTIONS: tuple[PoolOption, ...] = (
         "CONNECT_PER_BORROW",
         False,
         parse_bool,
-        "run Django's full connect() (session set-up, connection_created) on every borrow",
+        "no effect, kept for compatibility (Django's connect() runs on every borrow)",
         pool=False,
     ),
 )
