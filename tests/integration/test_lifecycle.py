@@ -10,6 +10,7 @@ borrow sent anything), the pool's stats and Django's ``connection_created`` sign
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import threading
 from collections.abc import Callable, Iterator
@@ -241,6 +242,81 @@ def test_close_inside_atomic_still_refuses_to_reconnect_until_the_block_ends(
         del connections[wrapper.alias]
         wrapper.close()
     assert herokupool.stats()[wrapper.alias]["in_use"] == 0
+
+
+class Interrupted(Exception):
+    """What a signal handler raises in the middle of close()."""
+
+
+@pytest.mark.parametrize("where", ["before the pool has it", "after the pool has it"])
+@pytest.mark.parametrize("in_atomic", [False, True])
+def test_an_interrupted_release_leaves_the_wrapper_no_usable_reference(
+    make_wrapper: MakeWrapper, monkeypatch: pytest.MonkeyPatch, where: str, in_atomic: bool
+) -> None:
+    """Issue 16, item 6: an exception landing inside Django's close() never leaves the
+    wrapper holding a session the pool may lend to another thread: its next query fails
+    as on a closed connection (in atomic()) or borrows afresh, and nothing stays borrowed."""
+    wrapper = make_wrapper(MAX_CONNS=1)
+    first = request(wrapper)
+    pool = wrapper._herokupool_last[2]
+    release = pool.release
+
+    def interrupted_release(conn: Any, **kwargs: Any) -> None:
+        if where == "after the pool has it":
+            release(conn, **kwargs)
+        raise Interrupted
+
+    monkeypatch.setattr(pool, "release", interrupted_release)
+    connections[wrapper.alias] = wrapper
+    try:
+        with contextlib.ExitStack() as stack:
+            if in_atomic:
+                stack.enter_context(pytest.raises(Interrupted))
+                stack.enter_context(transaction.atomic(using=wrapper.alias))
+            with wrapper.cursor() as cursor:
+                cursor.execute("SELECT 1")
+            stale = wrapper.connection
+            if not in_atomic:
+                with pytest.raises(Interrupted):
+                    wrapper.close()
+                assert wrapper.connection is None
+            else:
+                with pytest.raises(Interrupted):
+                    wrapper.close()
+                assert wrapper.connection is not stale
+                with pytest.raises(InterfaceError, match="connection already closed"):
+                    request(wrapper, "SELECT 1")
+                raise Interrupted  # leave the block
+    finally:
+        del connections[wrapper.alias]
+    monkeypatch.undo()
+    if where == "before the pool has it":
+        # The connection never reached the pool: nobody may use it, and the pool counts it
+        # borrowed until it is given back.
+        assert herokupool.stats()[wrapper.alias]["in_use"] == 1
+        pool.release(stale)
+    assert request(wrapper) == first, "the pool lends the session again, to anyone"
+    stats = herokupool.stats()[wrapper.alias]
+    assert stats["in_use"] == 0
+    assert stats["borrows"] == stats["releases"]
+
+
+def test_a_close_interrupted_before_it_gave_the_connection_back_strands_nothing(
+    make_wrapper: MakeWrapper,
+) -> None:
+    """Issue 16, item 6: close() interrupted after the wrapper forgot its connection but
+    before taking it out of its loan record (the state it leaves, made by hand here): the
+    next request does not wait for a second connection (MAX_CONNS=1), and the orphan goes
+    back to the pool."""
+    wrapper = make_wrapper(MAX_CONNS=1, TIMEOUT=2)
+    first = request(wrapper)
+    wrapper.ensure_connection()
+    wrapper.connection = None  # forgotten; still in the loan record
+    assert herokupool.stats()[wrapper.alias]["in_use"] == 1
+    assert request(wrapper) == first
+    stats = herokupool.stats()[wrapper.alias]
+    assert (stats["in_use"], stats["timeouts"]) == (0, 0)
+    assert stats["borrows"] == stats["releases"]
 
 
 def test_a_thread_that_dies_between_or_during_requests_leaves_nothing_borrowed(

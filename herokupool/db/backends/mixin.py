@@ -190,6 +190,11 @@ class PooledDatabaseWrapperMixin(_Base):
             loans = _thread_loans()
             loans[id(loan)] = loan
             loan.loans = loans
+        if loan.held:
+            # Django borrows only when the wrapper holds no connection: one still recorded
+            # was left by a close() interrupted before it gave it back.  Give it back now
+            # rather than hold two.
+            _give_back_orphans(loan)
         # Recorded in the same expression that borrows, everything else prepared before:
         # an asynchronous exception (a signal handler's) has no room to land between the
         # pool lending the connection and the loan knowing it.
@@ -296,18 +301,23 @@ class PooledDatabaseWrapperMixin(_Base):
 
     def _close(self) -> None:
         loan = self._herokupool_loan
-        try:
-            # Atomic: the thread's end or the wrapper's collection may race for it.
-            pool, conn = loan.held.pop()  # type: ignore[union-attr]
-        except (IndexError, AttributeError):  # nothing borrowed (AttributeError: no loan yet)
+        if loan is None or not loan.held:
             super()._close()  # type: ignore[misc]
             return
-        # Never leave the wrapper holding a connection another thread may now have.
-        # Inside an atomic block Django keeps self.connection after close() until the
-        # block ends: a stand-in that fails as a closed psycopg2 connection does, so the
-        # next query raises InterfaceError("connection already closed") as with Django's
-        # own backend (not ProgrammingError from a reconnect attempt).
+        # Forget before giving back: an exception landing anywhere below (a signal
+        # handler's) must never leave the wrapper holding a connection another thread may
+        # have next.  Inside an atomic block Django keeps self.connection after close()
+        # until the block ends: a stand-in that fails as a closed psycopg2 connection does,
+        # so the next query raises InterfaceError("connection already closed") as with
+        # Django's own backend (not ProgrammingError from a reconnect attempt).  If the
+        # exception lands before the pop, the loan still holds the connection and the
+        # thread's end (or the wrapper's collection) gives it back.
         self.connection = _CLOSED if self.in_atomic_block else None
+        try:
+            # Atomic: the thread's end or the wrapper's collection may race for it.
+            pool, conn = loan.held.pop()
+        except IndexError:
+            return  # taken back meanwhile
         # The loan's cursors end before the connection can reach anyone else.
         _end_loan(conn)
         with self.wrap_database_errors:
@@ -447,6 +457,13 @@ def _reclaim(loan: _Loan) -> None:
     # Its cursors end now (a thread that ended mid-iteration left one open).
     _end_loan(conn)
     pool.release_later(conn)  # the pool's thread releases it, with a warning
+
+
+def _give_back_orphans(loan: _Loan) -> None:
+    while (taken := _take(loan)) is not None:
+        pool, conn = taken
+        _end_loan(conn)
+        pool.release_later(conn)
 
 
 def _end_loan(conn: Any) -> None:
