@@ -133,6 +133,12 @@ KNOWN_DIFFERENCES: Mapping[str, str] = {
         "through a dict keyed by Django's own engine paths, so any other ENGINE (herokupool's "
         "postgis engine included) makes it skip itself with 'Unable to setup an OGR connection'"
     ),
+    "backends.postgresql.tests.Tests.test_connect_pool_setting_ignored_for_psycopg2": (
+        "fails by design: the test expects Django's own refusal of OPTIONS['pool'] on psycopg2 "
+        "('Database pooling requires psycopg >= 3'), which points at the wrong fix on "
+        "herokupool's engine; herokupool refuses it first, still with ImproperlyConfigured, "
+        "naming the herokupool setting for each key (check herokupool.E004 says the same)"
+    ),
 }
 
 #: Environment variables read by the generated settings and by RecordingRunner.
