@@ -26,7 +26,7 @@ This module knows nothing about Django.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import psycopg2
@@ -69,6 +69,7 @@ class TrackedConnection(ext.connection):
         # set up (the jsonb loader registered, autocommit on).
         self._string_types: dict[Any, Any] = {}
         self._cursor_factory: Any = None
+        self._encoding: Any = None
         self._characteristics: tuple[Any, Any, Any] = (None, None, None)
 
     def mark_baseline(self) -> None:
@@ -77,6 +78,7 @@ class TrackedConnection(ext.connection):
         when the connection has been set up."""
         self._string_types = dict(self.string_types)
         self._cursor_factory = self.cursor_factory
+        self._encoding = self.encoding
 
     def begin_loan(self) -> None:
         """Start a loan: forget what the pool itself ran between loans (validation, the
@@ -135,6 +137,7 @@ class TrackedConnection(ext.connection):
             or self.readonly != characteristics[1]
             or self.deferrable != characteristics[2]
             or self.string_types != self._string_types
+            or self.encoding != self._encoding
         )
 
 
@@ -173,6 +176,10 @@ def prepare_release(conn: Any) -> str | None:
     if conn.client_state_changed():
         if (conn.isolation_level, conn.readonly, conn.deferrable) != conn._characteristics:
             raise SessionNotReusable("the connection's session characteristics were changed")
+        if conn.encoding != conn._encoding:
+            # set_client_encoding() sent a SET of its own, through no cursor; RESET ALL
+            # would put the server back but not psycopg2's idea of the encoding.
+            raise SessionNotReusable("the connection's client encoding was changed")
         del conn.notices[:]
         del conn.notifies[:]
         if conn.string_types != conn._string_types:
@@ -217,10 +224,21 @@ class _Tracking:
             self.connection.note(flags)  # type: ignore[attr-defined]
         return super().executemany(query, vars_list)  # type: ignore[misc]
 
+    def copy_expert(self, sql: Any, file: Any, size: int = 8192) -> Any:
+        # COPY (SELECT set_config(...)) TO STDOUT runs a query too.
+        flags = _changes(self, sql)
+        if flags:
+            self.connection.note(flags)  # type: ignore[attr-defined]
+        return super().copy_expert(sql, file, size)  # type: ignore[misc]
+
     def callproc(self, procname: str, parameters: Any = None) -> Any:
         name = procname.lower()
         if "advisory" in name or "set_config" in name:
-            local = name.endswith("set_config") and parameters and parameters[-1] is True
+            if isinstance(parameters, Mapping):  # named arguments (psycopg2 >= 2.8)
+                last = parameters.get("is_local")
+            else:
+                last = parameters[-1] if parameters else None
+            local = name.endswith("set_config") and last is True
             flags = 0 if local else session.changes(f"SELECT {name}(")
             if name.endswith("set_config") and not local:
                 flags |= session.GUC
@@ -230,7 +248,7 @@ class _Tracking:
 
 
 def _changes(cursor: Any, query: Any) -> int:
-    if type(query) is str:
+    if isinstance(query, str):  # str subclasses too: Django's SafeString from a template
         return session.changes(query)
     if isinstance(query, bytes):
         return session.changes(query.decode("utf-8", "replace"))

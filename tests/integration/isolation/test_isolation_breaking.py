@@ -226,8 +226,8 @@ def test_a_client_encoding_set_on_the_raw_connection_ends_with_its_request(
             pid_of(wrapper),
         )
 
-    pid1 = in_thread(lambda: request(alias, change))
-    *seen, pid2 = in_thread(lambda: request(alias, look))
-    if is_pooled(engine):
-        assert pid2 == pid1
+    in_thread(lambda: request(alias, change))
+    # herokupool closes that session (RESET ALL would reset the server's side only): no
+    # claim on the next request's pid.
+    *seen, _ = in_thread(lambda: request(alias, look))
     assert seen == ["UTF8", "UTF8", "\u20ac"]
