@@ -121,9 +121,8 @@ class TrackedConnection(ext.connection):
             cursor: Any = ref()
             if cursor is None:
                 continue
-            if isinstance(cursor, _Named):
-                cursor.herokupool_released = True
-            else:
+            cursor.herokupool_released = True  # its .connection is a closed one from now on
+            if not isinstance(cursor, _Named):
                 cursor.close()
 
     def client_state_changed(self) -> bool:
@@ -210,7 +209,17 @@ def apply_isolation_level(conn: Any, isolation_level: Any) -> None:
 
 
 class _Tracking:
-    """Mixed into the cursor class a borrower asked for: records session changes."""
+    """Mixed into the cursor class a borrower asked for: records session changes; once
+    its loan has ended, its ``connection`` is a closed connection (as on the stock
+    engine), not the session the pool may have lent to someone else."""
+
+    herokupool_released = False
+
+    @property
+    def connection(self) -> Any:
+        if self.herokupool_released:
+            return _RELEASED
+        return super().connection  # type: ignore[misc]
 
     def execute(self, query: Any, vars: Any = None) -> Any:
         flags = _changes(self, query)
@@ -274,8 +283,6 @@ class _Named(_Tracking):
     ``CLOSE ALL`` closed it on the server).
     """
 
-    herokupool_released = False
-
     @property
     def closed(self) -> bool:
         return self.herokupool_released or super().closed  # type: ignore[misc]
@@ -294,12 +301,30 @@ class _Named(_Tracking):
     def __iter__(self) -> Any:
         if self.herokupool_released:
             raise _closed_error()
-        return self
+        # psycopg2.extras' cursors build their rows in their own __iter__ (which reads
+        # through __next__ below); psycopg2's returns the cursor itself.
+        return super().__iter__()  # type: ignore[misc]
 
     def __next__(self) -> Any:
         if self.herokupool_released:
             raise _closed_error()
         return super().__next__()  # type: ignore[misc]
+
+
+class _ReleasedConnection:
+    """What a cursor's ``connection`` is once its loan has ended: closed, as the stock
+    engine's connection is after the request."""
+
+    closed = 1
+
+    def close(self) -> None:
+        pass
+
+    def __getattr__(self, name: str) -> Any:
+        raise psycopg2.InterfaceError("connection already closed")
+
+
+_RELEASED: Any = _ReleasedConnection()
 
 
 def _guard(name: str) -> Callable[..., Any]:
