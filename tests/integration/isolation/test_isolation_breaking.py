@@ -402,3 +402,130 @@ def test_a_raw_connection_kept_past_its_request_is_closed_to_its_holder(
         return
     seen = _released_in_use(alias, late)
     assert isinstance(seen["late"].get("error"), psycopg2.InterfaceError), seen["late"]
+
+
+# ------------------------------------------------------------ the faithful path
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        ("RESET ROLE",),
+        ("RESET/**/ROLE",),
+        ('RESET "role"',),
+        ("DISCARD/**/ALL",),
+        ("SET ROLE NONE",),
+        ("SET ROLE {other}", "RESET ROLE"),
+        ("SELECT set_config('role', 'none', false)",),
+    ],
+    ids=lambda sql: " ".join(sql),
+)
+def test_assume_role_holds_in_the_next_request_whatever_this_one_did_to_the_role(
+    register: Callable[..., str], engine: str, role: str, admin: Any, change: tuple[str, ...]
+) -> None:
+    """With ``OPTIONS["assume_role"]`` every new connection runs as that role: a request
+    that ended it (``RESET ROLE``, however written) leaves the next request on the role."""
+    other = f"{role}_o"
+    with admin.cursor() as cursor:
+        cursor.execute(f"CREATE ROLE {other}")
+    try:
+        alias = register(assume_role=role)
+
+        def look(wrapper: Any) -> tuple[str, int]:
+            return one(wrapper, "SELECT current_user::text")[0], pid_of(wrapper)
+
+        def reset(wrapper: Any) -> int:
+            for sql in change:
+                run(sql.format(other=other))(wrapper)
+            return pid_of(wrapper)
+
+        assert in_thread(lambda: request(alias, look))[0] == role
+        pid1 = in_thread(lambda: request(alias, reset))
+        user, pid2 = in_thread(lambda: request(alias, look))
+        if is_pooled(engine):
+            assert pid2 == pid1
+        assert user == role
+    finally:
+        with admin.cursor() as cursor:
+            cursor.execute(f"DROP ROLE IF EXISTS {other}")
+
+
+def test_set_role_in_a_rolled_back_atomic_block_leaves_the_next_request_on_its_role(
+    register: Callable[..., str], engine: str, role: str
+) -> None:
+    from django.db import transaction
+
+    alias = register()
+
+    def change(wrapper: Any) -> int:
+        pid = pid_of(wrapper)
+        with pytest.raises(RuntimeError), transaction.atomic(using=alias):
+            run(f"SET ROLE {role}")(wrapper)
+            raise RuntimeError
+        return pid
+
+    def look(wrapper: Any) -> tuple[str, int]:
+        return one(wrapper, "SELECT current_user::text")[0], pid_of(wrapper)
+
+    login = in_thread(lambda: request(alias, look))[0]
+    pid1 = in_thread(lambda: request(alias, change))
+    user, pid2 = in_thread(lambda: request(alias, look))
+    if is_pooled(engine):
+        assert pid2 == pid1
+    assert user == login
+
+
+def test_a_read_only_session_set_on_the_raw_connection_is_not_lent_again(
+    register: Callable[..., str], engine: str
+) -> None:
+    """``connection.connection.set_session(readonly=True)`` in autocommit makes psycopg2
+    send ``SET default_transaction_read_only`` itself: the next request must be writable
+    (herokupool: on another session, the changed one closed)."""
+    alias = register(isolation_level=psycopg2.extensions.ISOLATION_LEVEL_REPEATABLE_READ)
+
+    def change(wrapper: Any) -> int:
+        pid = pid_of(wrapper)
+        wrapper.connection.set_session(readonly=True)
+        assert one(wrapper, "SHOW default_transaction_read_only")[0] == "on"
+        return pid
+
+    def look(wrapper: Any) -> tuple[Any, ...]:
+        return one(wrapper, "SHOW default_transaction_read_only")[0], pid_of(wrapper)
+
+    pid1 = in_thread(lambda: request(alias, change))
+    readonly, pid2 = in_thread(lambda: request(alias, look))
+    assert readonly == "off"
+    assert pid2 != pid1
+
+
+def test_a_connection_created_receiver_setting_search_path_sometimes(
+    register: Callable[..., str], engine: str
+) -> None:
+    """A ``connection_created`` receiver that sets ``search_path`` only for some requests:
+    the next request without the condition sees the default (stock: a new session)."""
+    from django.db.backends.signals import connection_created
+
+    wanted = threading.local()
+
+    def receiver(sender: Any, connection: Any, **kwargs: Any) -> None:
+        if getattr(wanted, "schema", None):
+            with connection.cursor() as cursor:
+                cursor.execute(f"SET search_path = {wanted.schema}")
+
+    alias = register()
+    connection_created.connect(receiver, weak=False)
+    try:
+
+        def look(wrapper: Any) -> tuple[str, int]:
+            return one(wrapper, "SHOW search_path")[0], pid_of(wrapper)
+
+        def with_schema() -> tuple[str, int]:
+            wanted.schema = "pg_catalog"
+            return request(alias, look)
+
+        default = in_thread(lambda: request(alias, look))[0]
+        assert in_thread(with_schema)[0] == "pg_catalog"
+        seen, _ = in_thread(lambda: request(alias, look))
+        assert seen == default
+    finally:
+        connection_created.disconnect(receiver)
