@@ -18,7 +18,7 @@ import psycopg2
 import psycopg2.extensions
 import psycopg2.extras
 import pytest
-from django.db import InterfaceError
+from django.db import InterfaceError, close_old_connections, connections
 from django.utils.safestring import mark_safe
 
 from tests.integration.isolation.conftest import (
@@ -529,3 +529,116 @@ def test_a_connection_created_receiver_setting_search_path_sometimes(
         assert seen == default
     finally:
         connection_created.disconnect(receiver)
+
+
+# ------------------------------------------------------------ interrupted releases
+
+
+class Interrupted(KeyboardInterrupt):
+    """What a signal handler raises in the middle of a release."""
+
+
+def _pool_of(alias: str) -> Any:
+    from herokupool import registry
+
+    (pool,) = registry._pools[alias].values()
+    return pool
+
+
+def _balanced(pool: Any) -> bool:
+    stats = pool.stats()
+    return bool(stats["borrows"] == stats["releases"] + stats["in_use"] and stats["in_use"] == 0)
+
+
+def _dirty(wrapper: Any) -> tuple[int, Any]:
+    """Request 1's changes: a setting, a LISTEN, and a WITH HOLD cursor kept open."""
+    pid = pid_of(wrapper)
+    run("SET statement_timeout = '5s'")(wrapper)
+    run("LISTEN hp_interrupted")(wrapper)
+    return pid, _named(None)(wrapper)
+
+
+NEW_SESSION = "SELECT current_setting('statement_timeout'), (SELECT count(*) FROM pg_listening_channels()), (SELECT count(*) FROM pg_cursors)"
+
+
+#: Set by the test once the interruption must happen (once).
+ARMED: list[bool] = []
+
+
+def _fire() -> bool:
+    if ARMED:
+        ARMED.clear()
+        return True
+    return False
+
+
+def _interrupt_in_end_loan(when: str) -> Callable[[pytest.MonkeyPatch], None]:
+    def arm(monkeypatch: pytest.MonkeyPatch) -> None:
+        from herokupool import tracked
+
+        original = tracked.TrackedConnection.end_loan
+
+        def end_loan(self: Any) -> None:
+            if when == "after":
+                original(self)
+            if _fire():
+                raise Interrupted
+            if when == "before":
+                original(self)
+
+        monkeypatch.setattr(tracked.TrackedConnection, "end_loan", end_loan)
+
+    return arm
+
+
+def _interrupt_in_prepare_release(monkeypatch: pytest.MonkeyPatch) -> None:
+    from herokupool import tracked
+
+    original = tracked.prepare_release
+
+    def prepare_release(conn: Any) -> str | None:
+        if _fire():
+            raise Interrupted
+        return original(conn)
+
+    # Read by the pool when it is created, at the first request.
+    monkeypatch.setattr(tracked, "prepare_release", prepare_release)
+
+
+@pytest.mark.parametrize("engine", ["herokupool.db.backends.postgresql"], indirect=True)
+@pytest.mark.parametrize(
+    "where",
+    ["end_loan_before", "end_loan_after", "prepare_release"],
+)
+def test_an_interrupted_release_loses_no_slot_and_leaks_nothing(
+    register: Callable[..., str], engine: str, where: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A BaseException (a signal handler's) at each step of the release: the pool's counts
+    balance, nothing stays in use, the next request works on a new session's state, and
+    the loan's cursor is dead."""
+    alias = register(pool={"MAX_CONNS": 1, "TIMEOUT": 3})
+    arm = {
+        "end_loan_before": _interrupt_in_end_loan("before"),
+        "end_loan_after": _interrupt_in_end_loan("after"),
+        "prepare_release": _interrupt_in_prepare_release,
+    }[where]
+    arm(monkeypatch)
+    fresh = in_thread(lambda: request(alias, lambda w: tuple(one(w, NEW_SESSION))))
+    kept: dict[str, Any] = {}
+
+    def dirty() -> None:
+        kept["pid"], kept["cursor"] = _dirty(connections[alias])
+        ARMED.append(True)
+        close_old_connections()
+
+    try:
+        with pytest.raises(Interrupted):
+            in_thread(dirty)
+    finally:
+        ARMED.clear()
+    pool = _pool_of(alias)
+    seen = in_thread(lambda: request(alias, lambda w: tuple(one(w, NEW_SESSION))), timeout=10)
+    assert seen == fresh
+    with pytest.raises(psycopg2.InterfaceError):
+        kept["cursor"].fetchone()
+    assert _balanced(pool), pool.stats()
