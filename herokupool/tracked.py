@@ -65,6 +65,8 @@ class TrackedConnection(ext.connection):
         self.herokupool_flags = 0
         self.assumed_role: object = None
         self._cursors: list[weakref.ReferenceType[Any]] = []
+        # True from begin_loan() until end_loan() has ended every cursor of the loan.
+        self._loan_open = False
         # What a new loan starts from; set by mark_baseline() once the connection is
         # set up (the jsonb loader registered, autocommit on).
         self._string_types: dict[Any, Any] = {}
@@ -87,6 +89,7 @@ class TrackedConnection(ext.connection):
         keeps."""
         self.herokupool_flags = 0
         self._characteristics = (self.isolation_level, self.readonly, self.deferrable)
+        self._loan_open = True
 
     def note(self, flags: int) -> None:
         """Record session changes (``session.*`` flags) made by the current loan."""
@@ -124,6 +127,9 @@ class TrackedConnection(ext.connection):
             cursor.herokupool_released = True  # its .connection is a closed one from now on
             if not isinstance(cursor, _Named):
                 cursor.close()
+        # Last: an end_loan() interrupted above leaves the loan open, and the release
+        # then closes the connection (see prepare_release).
+        self._loan_open = False
 
     def client_state_changed(self) -> bool:
         """Whether the loan left client-side state behind (see :func:`prepare_release`)."""
@@ -166,6 +172,9 @@ def prepare_release(conn: Any) -> str | None:
     """
     if not isinstance(conn, TrackedConnection):
         return None
+    if conn._loan_open:
+        # end_loan() did not finish (interrupted): a cursor of the loan may still work.
+        raise SessionNotReusable("the loan's cursors were not all ended")
     flags = conn.herokupool_flags
     if not flags and not conn.client_state_changed():
         return None  # the common loan: nothing to undo
