@@ -642,3 +642,59 @@ def test_an_interrupted_release_loses_no_slot_and_leaks_nothing(
     with pytest.raises(psycopg2.InterfaceError):
         kept["cursor"].fetchone()
     assert _balanced(pool), pool.stats()
+
+
+@pytest.mark.parametrize("engine", ["herokupool.db.backends.postgresql"], indirect=True)
+@pytest.mark.parametrize("freeze", ["sigstop_backend", "relay_paused"])
+def test_a_signal_while_the_undo_hangs_loses_no_slot_and_leaks_nothing(
+    register: Callable[..., str], engine: str, dsn: str, freeze: str
+) -> None:
+    """The release's undo (``RESET ALL; UNLISTEN *; CLOSE ALL``) gets no answer (the backend
+    frozen with SIGSTOP, or the network path paused), and SIGALRM's handler raises in the
+    middle: the pool's counts balance, nothing stays in use, the next request works."""
+    import os
+    import signal
+    import time
+    from urllib.parse import urlsplit, urlunsplit
+
+    from devtools.relay import TcpRelay
+
+    parts = urlsplit(dsn)
+    relay = TcpRelay(parts.hostname or "127.0.0.1", parts.port or 5432)
+    url = urlunsplit(parts._replace(netloc=f"{parts.username}:{parts.password}@127.0.0.1:{relay.port}"))
+    alias = register(url=url if freeze == "relay_paused" else None, pool={"MAX_CONNS": 1, "TIMEOUT": 2})
+    fresh = request(alias, lambda w: tuple(one(w, NEW_SESSION)))
+    pid, cursor = _dirty(connections[alias])
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise Interrupted
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    if freeze == "sigstop_backend":
+        os.kill(pid, signal.SIGSTOP)
+    else:
+        relay.pause()
+    started = time.monotonic()
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        with pytest.raises(Interrupted):
+            close_old_connections()
+            time.sleep(5)  # the handler runs here if the undo returned first
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if freeze == "sigstop_backend":
+            os.kill(pid, signal.SIGCONT)
+        else:
+            relay.resume()
+    elapsed = time.monotonic() - started
+    try:
+        seen = request(alias, lambda w: (tuple(one(w, NEW_SESSION)), pid_of(w)))
+        assert seen[0] == fresh
+        assert seen[1] != pid, "the interrupted session is not lent again"
+        with pytest.raises(psycopg2.InterfaceError):
+            cursor.fetchone()
+        assert _balanced(_pool_of(alias)), _pool_of(alias).stats()
+        assert elapsed < 4, f"the release took {elapsed:.1f} s (pool TIMEOUT 2)"
+    finally:
+        relay.close()
