@@ -7,6 +7,7 @@ Request ends are real (``close_old_connections()``).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import threading
 import uuid
@@ -18,7 +19,7 @@ import psycopg2
 import psycopg2.extensions
 import psycopg2.extras
 import pytest
-from django.db import InterfaceError, close_old_connections, connections
+from django.db import DatabaseError, InterfaceError, close_old_connections, connections
 from django.utils.safestring import mark_safe
 
 from tests.integration.isolation.conftest import (
@@ -698,3 +699,181 @@ def test_a_signal_while_the_undo_hangs_loses_no_slot_and_leaks_nothing(
         assert elapsed < 4, f"the release took {elapsed:.1f} s (pool TIMEOUT 2)"
     finally:
         relay.close()
+
+
+# ------------------------------------------------------------ fork, dying threads, load
+
+IGNORE_FORK_WARNING = pytest.mark.filterwarnings(
+    r"ignore:This process \(pid=\d+\) is multi-threaded, use of fork\(\) may lead to "
+    r"deadlocks:DeprecationWarning"
+)
+
+
+@IGNORE_FORK_WARNING
+@pytest.mark.parametrize("engine", ["herokupool.db.backends.postgresql"], indirect=True)
+def test_a_fork_in_the_middle_of_a_dirty_loan(register: Callable[..., str], engine: str) -> None:
+    """The parent holds a loan with pending changes (a setting, a LISTEN, a WITH HOLD
+    cursor) when it forks: the child's next request works on a new session's state, and
+    the parent's session keeps its own state until its request ends, then is undone."""
+    import json
+    import os
+    import select
+    import time
+
+    alias = register(pool={"MAX_CONNS": 2})
+    fresh = in_thread(lambda: request(alias, lambda w: tuple(one(w, NEW_SESSION))))
+    wrapper = connections[alias]
+    pid, cursor = _dirty(wrapper)
+    dirty = tuple(one(wrapper, NEW_SESSION))
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            os.close(read)
+            report: dict[str, Any] = {}
+            try:
+                report["seen"] = list(request(alias, lambda w: (*one(w, NEW_SESSION), pid_of(w))))
+            except BaseException as error:
+                report["error"] = repr(error)
+            os.write(write, json.dumps(report).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    deadline = time.monotonic() + 20
+    data = b""
+    while time.monotonic() < deadline and select.select([read], [], [], 1)[0]:
+        chunk = os.read(read, 65536)
+        if not chunk:
+            break
+        data += chunk
+    os.close(read)
+    _, status = os.waitpid(child, 0)
+    assert status == 0
+    report = json.loads(data)
+    assert "error" not in report, report["error"]
+    *seen, child_pid = report["seen"]
+    assert tuple(seen) == fresh
+    assert child_pid != pid
+    # The parent's loan is untouched by the child, then undone at its end.
+    assert tuple(one(wrapper, NEW_SESSION)) == dirty
+    assert pid_of(wrapper) == pid
+    cursor.fetchone()
+    close_old_connections()
+    after = in_thread(lambda: request(alias, lambda w: (tuple(one(w, NEW_SESSION)), pid_of(w))))
+    assert after[0] == fresh
+
+
+@pytest.mark.parametrize("engine", ["herokupool.db.backends.postgresql"], indirect=True)
+def test_a_thread_that_dies_holding_a_listening_session(
+    register: Callable[..., str], engine: str
+) -> None:
+    """A thread ends (no request end) holding a connection after ``LISTEN``: the pool's
+    thread takes it back (release_later) and undoes the loan; the next request on that
+    session listens to nothing."""
+    import warnings
+
+    alias = register(pool={"MAX_CONNS": 1})
+
+    def dies() -> int:
+        wrapper = connections[alias]
+        run("LISTEN hp_dying")(wrapper)
+        run("SET statement_timeout = '5s'")(wrapper)
+        return pid_of(wrapper)  # and the thread ends, its wrapper still holding the loan
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # release_later's warning about the orphan
+        pid1 = in_thread(dies)
+        seen, pid2 = in_thread(
+            lambda: request(
+                alias,
+                lambda w: (
+                    tuple(
+                        one(
+                            w,
+                            "SELECT (SELECT count(*) FROM pg_listening_channels()),"
+                            " current_setting('statement_timeout')",
+                        )
+                    ),
+                    pid_of(w),
+                ),
+            )
+        )
+    assert pid2 == pid1, "MAX_CONNS=1: the same physical session"
+    assert seen == (0, "0")
+
+
+#: A random change each request may make (session.py's list), then the request ends.
+CHANGES = (
+    "SET statement_timeout = '7s'",
+    "SET search_path = pg_catalog",
+    "SELECT set_config('hp.tenant', 'x', false)",
+    "SET ROLE {role}",
+    "SET SESSION AUTHORIZATION {role}",
+    "LISTEN hp_stress",
+    "CREATE TEMP TABLE hp_stress (x int)",
+    "PREPARE hp_stress AS SELECT 1",
+    "SELECT pg_advisory_lock({key})",
+    "DECLARE hp_stress CURSOR WITH HOLD FOR SELECT 1",
+    'SET/**/"role" TO {role}',
+    "SELECT set_config('role', '{role}', false)",
+    "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
+)
+
+LOOK = (
+    "SELECT current_setting('statement_timeout'), current_setting('search_path'),"
+    " coalesce(current_setting('hp.tenant', true), ''),"
+    " session_user::text, current_user::text,"
+    " (SELECT count(*) FROM pg_listening_channels()),"
+    " (SELECT count(*) FROM pg_class WHERE relnamespace = pg_my_temp_schema()),"
+    " (SELECT count(*) FROM pg_prepared_statements),"
+    " (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()),"
+    " (SELECT count(*) FROM pg_cursors), current_setting('default_transaction_read_only')"
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["herokupool.db.backends.postgresql"], indirect=True)
+def test_many_threads_random_changes_every_request_sees_a_new_session(
+    register: Callable[..., str], engine: str, role: str
+) -> None:
+    """8 threads x 40 requests on MAX_CONNS=2: each request first checks it sees a new
+    session's state, then makes 0-3 random changes (some through Django's cursor, some raw)."""
+    import random
+
+    alias = register(pool={"MAX_CONNS": 2, "TIMEOUT": 30})
+    fresh = in_thread(lambda: request(alias, lambda w: tuple(one(w, LOOK))))
+    violations: list[Any] = []
+    errors: list[BaseException] = []
+    pids: set[int] = set()
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            for _ in range(40):
+
+                def body(wrapper: Any) -> None:
+                    seen = tuple(one(wrapper, LOOK))
+                    pids.add(pid_of(wrapper))
+                    if seen != fresh:
+                        violations.append(seen)
+                    for sql in rng.sample(CHANGES, rng.randint(0, 3)):
+                        text = sql.format(role=role, key=rng.randint(1, 2**30))
+                        # A change may fail after another (CREATE TABLE once read only):
+                        # the request's own business, in autocommit.
+                        with contextlib.suppress(DatabaseError, psycopg2.Error):
+                            (run if rng.random() < 0.5 else django_run)(text)(wrapper)
+
+                request(alias, body)
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors, errors[:3]
+    assert not violations, f"{len(violations)} of 320 requests saw a used session: {violations[:3]}"
+    assert len(pids) <= 2 + 40, "sessions are reused, not reopened each request"
