@@ -233,20 +233,20 @@ class _Tracking:
     def execute(self, query: Any, vars: Any = None) -> Any:
         flags = _changes(self, query)
         if flags:
-            self.connection.note(flags)  # type: ignore[attr-defined]
+            self.connection.note(flags)
         return super().execute(query, vars)  # type: ignore[misc]
 
     def executemany(self, query: Any, vars_list: Any) -> Any:
         flags = _changes(self, query)
         if flags:
-            self.connection.note(flags)  # type: ignore[attr-defined]
+            self.connection.note(flags)
         return super().executemany(query, vars_list)  # type: ignore[misc]
 
     def copy_expert(self, sql: Any, file: Any, size: int = 8192) -> Any:
         # COPY (SELECT set_config(...)) TO STDOUT runs a query too.
         flags = _changes(self, sql)
         if flags:
-            self.connection.note(flags)  # type: ignore[attr-defined]
+            self.connection.note(flags)
         return super().copy_expert(sql, file, size)  # type: ignore[misc]
 
     def callproc(self, procname: str, parameters: Any = None) -> Any:
@@ -261,7 +261,7 @@ class _Tracking:
             if name.endswith("set_config") and not local:
                 flags |= session.GUC
             if flags:
-                self.connection.note(flags)  # type: ignore[attr-defined]
+                self.connection.note(flags)
         return super().callproc(procname, parameters)  # type: ignore[misc]
 
 
@@ -304,7 +304,7 @@ class _Named(_Tracking):
         if self.herokupool_released:
             raise _closed_error()
         if self.withhold:  # type: ignore[attr-defined]
-            self.connection.note(session.CURSOR)  # type: ignore[attr-defined]
+            self.connection.note(session.CURSOR)
         return super().execute(query, vars)
 
     def __iter__(self) -> Any:

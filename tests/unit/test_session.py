@@ -132,7 +132,7 @@ MISSED = {
     # Comments and double quotes between the words.
     "SELECT \"set_config\"('search_path', 'x', false)": GUC,
     "SELECT set_config/**/('search_path', 'x', false)": GUC,
-    "SELECT \"pg_advisory_lock\"(1)": LOCK,
+    'SELECT "pg_advisory_lock"(1)': LOCK,
     "SELECT pg_advisory_lock/**/(1)": LOCK,
     "DECLARE c CURSOR WITH/**/HOLD FOR SELECT 1": CURSOR,
     "CREATE TEMP/**/TABLE t (x int)": TEMP,

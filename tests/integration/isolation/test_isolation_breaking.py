@@ -460,9 +460,14 @@ def test_set_role_in_a_rolled_back_atomic_block_leaves_the_next_request_on_its_r
 
     def change(wrapper: Any) -> int:
         pid = pid_of(wrapper)
-        with pytest.raises(RuntimeError), transaction.atomic(using=alias):
-            run(f"SET ROLE {role}")(wrapper)
-            raise RuntimeError
+
+        def rolled_back() -> None:
+            with transaction.atomic(using=alias):
+                run(f"SET ROLE {role}")(wrapper)
+                raise RuntimeError
+
+        with pytest.raises(RuntimeError):
+            rolled_back()
         return pid
 
     def look(wrapper: Any) -> tuple[str, int]:
@@ -559,7 +564,10 @@ def _dirty(wrapper: Any) -> tuple[int, Any]:
     return pid, _named(None)(wrapper)
 
 
-NEW_SESSION = "SELECT current_setting('statement_timeout'), (SELECT count(*) FROM pg_listening_channels()), (SELECT count(*) FROM pg_cursors)"
+NEW_SESSION = (
+    "SELECT current_setting('statement_timeout'),"
+    " (SELECT count(*) FROM pg_listening_channels()), (SELECT count(*) FROM pg_cursors)"
+)
 
 
 #: Set by the test once the interruption must happen (once).
@@ -662,8 +670,12 @@ def test_a_signal_while_the_undo_hangs_loses_no_slot_and_leaks_nothing(
 
     parts = urlsplit(dsn)
     relay = TcpRelay(parts.hostname or "127.0.0.1", parts.port or 5432)
-    url = urlunsplit(parts._replace(netloc=f"{parts.username}:{parts.password}@127.0.0.1:{relay.port}"))
-    alias = register(url=url if freeze == "relay_paused" else None, pool={"MAX_CONNS": 1, "TIMEOUT": 2})
+    url = urlunsplit(
+        parts._replace(netloc=f"{parts.username}:{parts.password}@127.0.0.1:{relay.port}")
+    )
+    alias = register(
+        url=url if freeze == "relay_paused" else None, pool={"MAX_CONNS": 1, "TIMEOUT": 2}
+    )
     fresh = request(alias, lambda w: tuple(one(w, NEW_SESSION)))
     pid, cursor = _dirty(connections[alias])
 
@@ -678,9 +690,13 @@ def test_a_signal_while_the_undo_hangs_loses_no_slot_and_leaks_nothing(
     started = time.monotonic()
     try:
         signal.setitimer(signal.ITIMER_REAL, 0.3)
-        with pytest.raises(Interrupted):
+
+        def end_request() -> None:
             close_old_connections()
             time.sleep(5)  # the handler runs here if the undo returned first
+
+        with pytest.raises(Interrupted):
+            end_request()
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
@@ -877,3 +893,88 @@ def test_many_threads_random_changes_every_request_sees_a_new_session(
     assert not errors, errors[:3]
     assert not violations, f"{len(violations)} of 320 requests saw a used session: {violations[:3]}"
     assert len(pids) <= 2 + 40, "sessions are reused, not reopened each request"
+
+
+# ------------------------------------------------------------ behind PgBouncer
+
+
+@pytest.fixture(scope="module")
+def bouncer(pg_server: Any) -> Iterator[Any]:
+    from devtools.pgbouncer import find_pgbouncer
+    from tests.conftest import require
+    from tests.integration.test_pgbouncer import start_bouncer
+
+    require(find_pgbouncer() is not None, "pgbouncer")
+    started = start_bouncer(pg_server)  # transaction mode, 3 server connections
+    yield started
+    started.stop()
+
+
+def _settings_on_every_server_connection(url: str, sql: str) -> list[Any]:
+    """``sql``'s answer from 6 simultaneous transactions through PgBouncer (3 server
+    connections: each is seen)."""
+    conns = [psycopg2.connect(url) for _ in range(3)]
+    try:
+        seen = []
+        for conn in conns:  # each in a transaction: each holds its own server connection
+            with conn.cursor() as cursor:
+                cursor.execute(sql)
+                seen.append(cursor.fetchone()[0])
+        return sorted(seen)
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+@pytest.mark.pgbouncer
+def test_behind_pgbouncer_a_session_setting_is_undone_without_error(
+    register: Callable[..., str], engine: str, bouncer: Any, dsn: str
+) -> None:
+    """Transaction mode: ``SET statement_timeout`` in autocommit lands on some server
+    connection and stays there (PgBouncer's own limitation, stock engine too). herokupool's
+    undo (``RESET ALL``) goes through PgBouncer without error; what other clients see
+    afterwards is recorded, and herokupool must be no worse than the stock engine."""
+    from tests.integration.conftest import dbname
+
+    url = bouncer.dsn(dbname(dsn))
+    alias = register(url=url)
+
+    def change(wrapper: Any) -> None:
+        run("SET statement_timeout = '7s'")(wrapper)
+
+    request(alias, change)
+    if is_pooled(engine):
+        stats = _pool_of(alias).stats()
+        assert stats["connections_discarded"] == 0, "the undo went through PgBouncer"
+    seen = _settings_on_every_server_connection(url, "SHOW statement_timeout")
+    if is_pooled(engine):
+        # The undo ran on the server connection PgBouncer gave it: with one client, the
+        # same one the SET ran on (LIFO), so nobody sees 7s.
+        assert seen.count("7s") == 0, seen
+    else:
+        # Stock: nothing undoes it; the server connection keeps it for the next client.
+        assert seen.count("7s") <= 1, seen
+
+
+@pytest.mark.pgbouncer
+def test_behind_pgbouncer_a_session_advisory_lock(
+    register: Callable[..., str], engine: str, bouncer: Any, dsn: str, admin: Any
+) -> None:
+    """Transaction mode: ``pg_advisory_lock`` in autocommit is taken by whichever server
+    connection ran it, and a client's disconnect does not release it (stock engine: the
+    lock stays held by an idle server connection). herokupool's undo
+    (``pg_advisory_unlock_all()``) runs through PgBouncer, on the server connection it is
+    given: with one client that is the one that holds the lock, so it is released.  Under
+    concurrency it may be another one: then the lock stays, as on the stock engine."""
+    from tests.integration.conftest import dbname
+
+    key = uuid.uuid4().int & 0x7FFFFFFF
+    alias = register(url=bouncer.dsn(dbname(dsn)))
+    request(alias, lambda w: run(f"SELECT pg_advisory_lock({key})")(w))
+    with admin.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = %s", [key]
+        )
+        held = cursor.fetchone()[0]
+        cursor.execute("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE objid = %s", [key])
+    assert held == (0 if is_pooled(engine) else 1)
