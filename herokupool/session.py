@@ -15,12 +15,14 @@ statement                                      flag        undone with
 ``SET x``, ``SET SESSION x``, ``RESET x``,     ``GUC``     ``RESET ALL``
 ``SET SESSION CHARACTERISTICS``,
 ``set_config(name, value, <not true>)``
-``SET ROLE``, ``SET SESSION AUTHORIZATION``    ``ROLE``    ``SET SESSION AUTHORIZATION
-                                                           DEFAULT; RESET ROLE``
+``SET ROLE``, ``SET SESSION AUTHORIZATION``,   ``ROLE``    ``SET SESSION AUTHORIZATION
+a setting change that mentions a role                      DEFAULT; RESET ROLE``
+(``SET "role"``, ``set_config('role', ...)``,
+``set_config(<not a literal>, ...)``)
 ``LISTEN``                                     ``LISTEN``  ``UNLISTEN *``
 ``PREPARE``                                    ``PREPARE`` ``DEALLOCATE ALL``
 ``CREATE TEMP ...``, ``SELECT ... INTO TEMP``,  ``TEMP``    ``DISCARD TEMP``
-a table in ``pg_temp``
+any mention of ``pg_temp``
 ``pg_advisory_lock[_shared]``,                 ``LOCK``    ``SELECT pg_advisory_unlock_all()``
 ``pg_try_advisory_lock[_shared]``
 ``DECLARE ... WITH HOLD``                      ``CURSOR``  ``CLOSE ALL``
@@ -34,6 +36,10 @@ LOCAL``, ``SET TRANSACTION``, ``SET CONSTRAINTS``, ``set_config(..., true)``,
 ``pg_advisory_unlock*``) need no undo; ``RESET ROLE``, ``SET ROLE NONE``, ``SET SESSION
 AUTHORIZATION DEFAULT`` and ``DISCARD ALL`` do report :data:`ROLE_RESET`, because they
 end a role the backend assumed (``assume_role``), which it must then assume again.
+
+Statements are read twice when they hold comments or double quotes: as sent, and with
+those removed (``SET/**/ROLE``, ``"set_config"(``).  A ``set_config`` whose arguments hold
+a comment, an escape string or a dollar quote counts as session-wide.
 
 Not seen: statements run inside functions and ``DO`` blocks (``PERFORM set_config(...)``,
 ``EXECUTE 'SET ...'``), whose text is the server's.  ``OPTIONS["RESET"]`` (e.g.
@@ -123,7 +129,7 @@ _STATEMENT = re.compile(
     r"set\s+(?:session\s+)?(?:role|authorization|characteristics)\b"
     r"|set\s+local\b|set\s+transaction\b|set\s+constraints\b|set\b|reset\b|discard\b"
     r"|listen\b|prepare\s+transaction\b|prepare\b|declare\b|load\b"
-    r"|create\b[^;]*?\b(?:temp|temporary)\s+(?:table|view|sequence)\b"
+    r"|create\b[^;]*?\b(?:temp|temporary)\s+(?:recursive\s+)?(?:table|view|sequence)\b"
     r"|create\b[^;]*?\bpg_temp\s*\."
     r")",
     re.DOTALL,
@@ -131,7 +137,7 @@ _STATEMENT = re.compile(
 _ROLE_RESETS = re.compile(
     r"set\s+(?:session\s+)?role\s+none\b"
     r"|set\s+session\s+authorization\s+default\b"
-    r"|reset\s+(?:role|session\s+authorization)\b"
+    r"|reset\s+(?:role|session\s+authorization|session_authorization)\b"
     r"|discard\s+all\b"
 )
 _TRANSACTION_SCOPED = re.compile(r"set\s+(?:local|transaction|constraints)\b")
@@ -139,6 +145,16 @@ _SET_CONFIG = re.compile(r"\bset_config\s*\(")
 _ADVISORY = re.compile(r"\bpg_(?:try_)?advisory_lock(?:_shared)?\s*\(")
 _INTO_TEMP = re.compile(r"\binto\s+(?:temp|temporary|unlogged\s+temp)\b|\binto\s+pg_temp\s*\.")
 _WITH_HOLD = re.compile(r"\bwith\s+hold\b")
+# A temporary object anywhere (``EXPLAIN ANALYZE CREATE TEMP TABLE ... AS``), or the
+# temporary schema named (``CREATE TABLE pg_temp.t``, ``SET search_path = pg_temp``, after
+# which a plain ``CREATE TABLE`` makes a temporary table).
+_TEMP_ANYWHERE = re.compile(
+    r"\b(?:temp|temporary)\s+(?:recursive\s+)?(?:table|view|sequence)\b|\bpg_temp"
+)
+# set_config's first argument, when it is a plain literal naming a setting.
+_LITERAL_NAME = re.compile(r"\s*'([a-z0-9_.]*)'\s*,")
+# Comments and double quotes, which the normalised reading of a statement drops.
+_NOISE = re.compile(r"/\*.*?\*/|--[^\n]*|\"", re.DOTALL)
 # set_config's third argument, when it is the literal true: transaction-scoped.
 _LOCAL_TRUE = re.compile(r"\s*(?:true|'t'|'true'|'on'|'1')\s*\)")
 
@@ -158,6 +174,20 @@ def changes(sql: str) -> int:
 
 
 def _read(text: str) -> int:
+    flags = _read_text(text)
+    if "/*" in text or "--" in text or '"' in text:
+        # Read again without comments and double quotes, which the expressions do not
+        # expect between words (``SET/**/ROLE``, ``"set_config"(``, ``"pg_temp".t``).  Both
+        # readings count: a comment's text may be inside a string literal.
+        flags |= _read_text(_NOISE.sub(" ", text))
+    if flags & GUC and ("role" in text or "authoriz" in text or "u&" in text):
+        # ``SET "role" TO x``, ``SET session_authorization TO x``, set_config('role', ...):
+        # a role change written as a setting, which RESET ALL does not undo.
+        flags |= ROLE
+    return flags
+
+
+def _read_text(text: str) -> int:
     flags = 0
     for match in _STATEMENT.finditer(text):
         flags |= _statement_flags(text, match)
@@ -165,9 +195,13 @@ def _read(text: str) -> int:
         for match in _SET_CONFIG.finditer(text):
             if not _is_local(text, match.end()):
                 flags |= GUC
+                if not _LITERAL_NAME.match(text, match.end()):
+                    flags |= ROLE  # a name given as a parameter may be 'role'
     if "advisory" in text and _ADVISORY.search(text):
         flags |= LOCK
     if "into" in text and _INTO_TEMP.search(text):
+        flags |= TEMP
+    if "temp" in text and _TEMP_ANYWHERE.search(text):
         flags |= TEMP
     return flags
 
@@ -205,10 +239,14 @@ def _is_local(text: str, start: int) -> bool:
     quoted = False
     for index in range(start, min(len(text), start + 2000)):
         char = text[index]
+        if char in "\\$":
+            return False  # an escape string or a dollar quote: too hard to read, undo
         if quoted:
             if char == "'":
                 quoted = False
             continue
+        if text.startswith(("/*", "--"), index):
+            return False  # a comment: it may hide a comma
         if char == "'":
             quoted = True
         elif char == "(":

@@ -26,7 +26,7 @@ This module knows nothing about Django.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import psycopg2
@@ -65,10 +65,13 @@ class TrackedConnection(ext.connection):
         self.herokupool_flags = 0
         self.assumed_role: object = None
         self._cursors: list[weakref.ReferenceType[Any]] = []
+        # True from begin_loan() until end_loan() has ended every cursor of the loan.
+        self._loan_open = False
         # What a new loan starts from; set by mark_baseline() once the connection is
         # set up (the jsonb loader registered, autocommit on).
         self._string_types: dict[Any, Any] = {}
         self._cursor_factory: Any = None
+        self._encoding: Any = None
         self._characteristics: tuple[Any, Any, Any] = (None, None, None)
 
     def mark_baseline(self) -> None:
@@ -77,6 +80,7 @@ class TrackedConnection(ext.connection):
         when the connection has been set up."""
         self._string_types = dict(self.string_types)
         self._cursor_factory = self.cursor_factory
+        self._encoding = self.encoding
 
     def begin_loan(self) -> None:
         """Start a loan: forget what the pool itself ran between loans (validation, the
@@ -85,6 +89,7 @@ class TrackedConnection(ext.connection):
         keeps."""
         self.herokupool_flags = 0
         self._characteristics = (self.isolation_level, self.readonly, self.deferrable)
+        self._loan_open = True
 
     def note(self, flags: int) -> None:
         """Record session changes (``session.*`` flags) made by the current loan."""
@@ -119,10 +124,12 @@ class TrackedConnection(ext.connection):
             cursor: Any = ref()
             if cursor is None:
                 continue
-            if isinstance(cursor, _Named):
-                cursor.herokupool_released = True
-            else:
+            cursor.herokupool_released = True  # its .connection is a closed one from now on
+            if not isinstance(cursor, _Named):
                 cursor.close()
+        # Last: an end_loan() interrupted above leaves the loan open, and the release
+        # then closes the connection (see prepare_release).
+        self._loan_open = False
 
     def client_state_changed(self) -> bool:
         """Whether the loan left client-side state behind (see :func:`prepare_release`)."""
@@ -135,6 +142,7 @@ class TrackedConnection(ext.connection):
             or self.readonly != characteristics[1]
             or self.deferrable != characteristics[2]
             or self.string_types != self._string_types
+            or self.encoding != self._encoding
         )
 
 
@@ -164,6 +172,9 @@ def prepare_release(conn: Any) -> str | None:
     """
     if not isinstance(conn, TrackedConnection):
         return None
+    if conn._loan_open:
+        # end_loan() did not finish (interrupted): a cursor of the loan may still work.
+        raise SessionNotReusable("the loan's cursors were not all ended")
     flags = conn.herokupool_flags
     if not flags and not conn.client_state_changed():
         return None  # the common loan: nothing to undo
@@ -173,6 +184,10 @@ def prepare_release(conn: Any) -> str | None:
     if conn.client_state_changed():
         if (conn.isolation_level, conn.readonly, conn.deferrable) != conn._characteristics:
             raise SessionNotReusable("the connection's session characteristics were changed")
+        if conn.encoding != conn._encoding:
+            # set_client_encoding() sent a SET of its own, through no cursor; RESET ALL
+            # would put the server back but not psycopg2's idea of the encoding.
+            raise SessionNotReusable("the connection's client encoding was changed")
         del conn.notices[:]
         del conn.notifies[:]
         if conn.string_types != conn._string_types:
@@ -203,34 +218,55 @@ def apply_isolation_level(conn: Any, isolation_level: Any) -> None:
 
 
 class _Tracking:
-    """Mixed into the cursor class a borrower asked for: records session changes."""
+    """Mixed into the cursor class a borrower asked for: records session changes; once
+    its loan has ended, its ``connection`` is a closed connection (as on the stock
+    engine), not the session the pool may have lent to someone else."""
+
+    herokupool_released = False
+
+    @property
+    def connection(self) -> Any:
+        if self.herokupool_released:
+            return _RELEASED
+        return super().connection  # type: ignore[misc]
 
     def execute(self, query: Any, vars: Any = None) -> Any:
         flags = _changes(self, query)
         if flags:
-            self.connection.note(flags)  # type: ignore[attr-defined]
+            self.connection.note(flags)
         return super().execute(query, vars)  # type: ignore[misc]
 
     def executemany(self, query: Any, vars_list: Any) -> Any:
         flags = _changes(self, query)
         if flags:
-            self.connection.note(flags)  # type: ignore[attr-defined]
+            self.connection.note(flags)
         return super().executemany(query, vars_list)  # type: ignore[misc]
+
+    def copy_expert(self, sql: Any, file: Any, size: int = 8192) -> Any:
+        # COPY (SELECT set_config(...)) TO STDOUT runs a query too.
+        flags = _changes(self, sql)
+        if flags:
+            self.connection.note(flags)
+        return super().copy_expert(sql, file, size)  # type: ignore[misc]
 
     def callproc(self, procname: str, parameters: Any = None) -> Any:
         name = procname.lower()
         if "advisory" in name or "set_config" in name:
-            local = name.endswith("set_config") and parameters and parameters[-1] is True
+            if isinstance(parameters, Mapping):  # named arguments (psycopg2 >= 2.8)
+                last = parameters.get("is_local")
+            else:
+                last = parameters[-1] if parameters else None
+            local = name.endswith("set_config") and last is True
             flags = 0 if local else session.changes(f"SELECT {name}(")
             if name.endswith("set_config") and not local:
                 flags |= session.GUC
             if flags:
-                self.connection.note(flags)  # type: ignore[attr-defined]
+                self.connection.note(flags)
         return super().callproc(procname, parameters)  # type: ignore[misc]
 
 
 def _changes(cursor: Any, query: Any) -> int:
-    if type(query) is str:
+    if isinstance(query, str):  # str subclasses too: Django's SafeString from a template
         return session.changes(query)
     if isinstance(query, bytes):
         return session.changes(query.decode("utf-8", "replace"))
@@ -256,8 +292,6 @@ class _Named(_Tracking):
     ``CLOSE ALL`` closed it on the server).
     """
 
-    herokupool_released = False
-
     @property
     def closed(self) -> bool:
         return self.herokupool_released or super().closed  # type: ignore[misc]
@@ -270,18 +304,36 @@ class _Named(_Tracking):
         if self.herokupool_released:
             raise _closed_error()
         if self.withhold:  # type: ignore[attr-defined]
-            self.connection.note(session.CURSOR)  # type: ignore[attr-defined]
+            self.connection.note(session.CURSOR)
         return super().execute(query, vars)
 
     def __iter__(self) -> Any:
         if self.herokupool_released:
             raise _closed_error()
-        return self
+        # psycopg2.extras' cursors build their rows in their own __iter__ (which reads
+        # through __next__ below); psycopg2's returns the cursor itself.
+        return super().__iter__()  # type: ignore[misc]
 
     def __next__(self) -> Any:
         if self.herokupool_released:
             raise _closed_error()
         return super().__next__()  # type: ignore[misc]
+
+
+class _ReleasedConnection:
+    """What a cursor's ``connection`` is once its loan has ended: closed, as the stock
+    engine's connection is after the request."""
+
+    closed = 1
+
+    def close(self) -> None:
+        pass
+
+    def __getattr__(self, name: str) -> Any:
+        raise psycopg2.InterfaceError("connection already closed")
+
+
+_RELEASED: Any = _ReleasedConnection()
 
 
 def _guard(name: str) -> Callable[..., Any]:

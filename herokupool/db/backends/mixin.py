@@ -311,15 +311,22 @@ class PooledDatabaseWrapperMixin(_Base):
         # so the next query raises InterfaceError("connection already closed") as with
         # Django's own backend (not ProgrammingError from a reconnect attempt).  If the
         # exception lands before the pop, the loan still holds the connection and the
-        # thread's end (or the wrapper's collection) gives it back.
+        # thread's end, the wrapper's collection or its next borrow gives it back.
         self.connection = _CLOSED if self.in_atomic_block else None
         try:
             # Atomic: the thread's end or the wrapper's collection may race for it.
             pool, conn = loan.held.pop()
         except IndexError:
             return  # taken back meanwhile
-        # The loan's cursors end before the connection can reach anyone else.
-        _end_loan(conn)
+        try:
+            # The loan's cursors end before the connection can reach anyone else.
+            _end_loan(conn)
+        except BaseException:
+            # Interrupted (a signal handler's exception): the connection is out of the
+            # loan already, so it goes back now or its slot is lost for good; some of its
+            # cursors may still be live, so it is closed, never lent again.
+            pool.discard(conn)
+            raise
         with self.wrap_database_errors:
             if self._herokupool_unusable:
                 pool.discard(conn)
@@ -454,9 +461,13 @@ def _reclaim(loan: _Loan) -> None:
     if wrapper is not None:
         # The wrapper must never use (or close) a connection the pool may lend again.
         wrapper.connection = None
-    # Its cursors end now (a thread that ended mid-iteration left one open).
-    _end_loan(conn)
-    pool.release_later(conn)  # the pool's thread releases it, with a warning
+    try:
+        # Its cursors end now (a thread that ended mid-iteration left one open).
+        _end_loan(conn)
+    finally:
+        # Even if interrupted: the slot must come back (a loan whose cursors did not all
+        # end is closed by the release, see tracked.prepare_release).
+        pool.release_later(conn)  # the pool's thread releases it, with a warning
 
 
 def _give_back_orphans(loan: _Loan) -> None:

@@ -95,7 +95,6 @@ class StatementRecorder:
         started = False  # after the StartupMessage every message has a type byte
         try:
             while data := client.recv(65536):
-                upstream.sendall(data)
                 buffer += data
                 while True:
                     if not started:
@@ -119,6 +118,9 @@ class StatementRecorder:
                         self._record(index, body.split(b"\0", 1)[0])
                     elif kind == b"P":  # statement name, then the query
                         self._record(index, body.split(b"\0", 2)[1])
+                # Forwarded once recorded: the client sees no answer to a statement the
+                # test cannot yet read in ``statements``.
+                upstream.sendall(data)
         except OSError:
             pass
         finally:
