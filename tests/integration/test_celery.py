@@ -78,7 +78,9 @@ def test_soft_time_limits_inside_queries_strand_nothing(
         assert pids, "later tasks were served"
         sessions = pids_of(admin, app_name)
         assert len(sessions) <= CONCURRENCY, (sessions, "MAX_CONNS 1 per process")
-        stats = [tasks.pool_stats.delay().get(timeout=30, interval=0.02) for _ in range(4 * CONCURRENCY)]
+        stats = [
+            tasks.pool_stats.delay().get(timeout=30, interval=0.02) for _ in range(4 * CONCURRENCY)
+        ]
         for each in stats:
             assert each["in_use"] == 0, each
             assert each["waiting"] == 0, each
