@@ -163,6 +163,35 @@ class Entries:
         self.lent[entry.key] = entry
         return conn
 
+    def lend_top(self, now: float, holder: int) -> Any:
+        """:meth:`lend` for the top of the idle stack, the fast path: the same step, inlined."""
+        entry = self.idle.pop()
+        counts = self.counts
+        counts[State.IDLE] -= 1
+        counts[State.LENT] += 1
+        self.borrows += 1
+        entry.state = State.LENT
+        conn = entry.conn
+        entry.conn = None
+        entry.borrowed_at = now
+        entry.holder = holder
+        self.lent[entry.key] = entry
+        return conn
+
+    def give_back(self, entry: Entry, conn: Any, now: float) -> None:
+        """A lent ``entry`` comes back clean: IDLE, on top of the stack (:meth:`shelve` for
+        the fast path, inlined)."""
+        self.lent.pop(entry.key, None)
+        counts = self.counts
+        counts[State.LENT] -= 1
+        counts[State.IDLE] += 1
+        entry.state = State.IDLE
+        entry.conn = conn
+        entry.last_used = now
+        entry.holder = None
+        entry.stack = None
+        self.idle.append(entry)
+
     def shelve(self, entry: Entry, conn: Any, *, bottom: bool = False) -> None:
         """Move ``entry`` (with its connection) to IDLE, on top of the stack (or at the
         bottom, for one that was not just used)."""

@@ -72,8 +72,15 @@ class WaitingLine:
     __slots__ = ("_on_lost", "_refs")
 
     def __init__(self, on_lost: Callable[[weakref.ReferenceType[Any]], None]) -> None:
+        # Never replaced, only changed in place: the pool reads it directly on its fast
+        # path (is anyone waiting?) without a method call.
         self._refs: deque[weakref.ReferenceType[Waiter]] = deque()
         self._on_lost = on_lost
+
+    @property
+    def refs(self) -> deque[weakref.ReferenceType[Waiter]]:
+        """The line itself (for a truth test: is anybody waiting?)."""
+        return self._refs
 
     def __len__(self) -> int:
         return len(self._refs)
@@ -111,7 +118,8 @@ class WaitingLine:
             for ref in self._refs
             if (waiter := ref()) is not None and waiter.outcome is Outcome.PENDING
         ]
-        self._refs = deque(kept)
+        self._refs.clear()
+        self._refs.extend(kept)
         return before - len(kept)
 
     def close(self) -> None:

@@ -191,6 +191,7 @@ class ConnectionPool:
         self._on_lost = on_lost
         self._entries = Entries()
         self._line = WaitingLine(on_lost)
+        self._waiting = self._line.refs  # the deque itself: a truth test on the fast path
         self._closed = False
         self._last_error: BaseException | None = None
         self._counters = dict.fromkeys(
@@ -262,20 +263,23 @@ class ConnectionPool:
         with self._lock:
             if self._closed:
                 raise PoolClosed(f"pool {self.name!r} is closed")
-            idle = self._entries.idle
+            entries = self._entries
+            idle = entries.idle
             if idle:
                 # The fast path: the top idle connection needs no query (not expired, used
                 # within validate_after, nothing on its socket), so it is lent in one step.
                 entry = idle[-1]
                 now = self._clock()
+                poller = entry.poller
                 if (
                     now < entry.expires_at
                     and not self.test_on_borrow
                     and (self.validate_after is None or now - entry.last_used < self.validate_after)
-                    and not entry.readable()
+                    and poller is not None
+                    and not poller.poll(0)
                 ):
-                    conn = self._entries.lend(entry, now, get_ident())
-                    in_use = self._entries.counts[_LENT]
+                    conn = entries.lend_top(now, get_ident())
+                    in_use = entries.counts[_LENT]
         if conn is None:
             return self._borrow_slowly(self.timeout if timeout is None else timeout)
         # Outside the lock: note_in_use is lock-free (see herokupool.metrics).
@@ -617,7 +621,11 @@ class ConnectionPool:
         try:
             problem = self._reset(conn, cleanup)
             if problem is None:
-                _forget_messages(conn)
+                # What the borrower left unread must not reach the next one, nor grow.
+                if conn.notifies:
+                    conn.notifies.clear()
+                if conn.notices:
+                    conn.notices.clear()
             now = self._clock()
         except BaseException:
             # Interrupted while cleaning: the session's state is unknown.
@@ -640,6 +648,9 @@ class ConnectionPool:
             if entry.state is not _LENT or entry.ref() is not conn:
                 return  # given back twice at once: the other call took it
             if not self._closed:
+                if not self._waiting:
+                    self._entries.give_back(entry, conn, now)
+                    return
                 entry.last_used = now
                 self._hand_on(entry, conn, now)  # FIFO: straight to the oldest waiter
                 return
