@@ -71,7 +71,8 @@ class Entry:
         self.owner = owner
         self.since = now
         self.conn: Any = None
-        self.ref: weakref.ReferenceType[Any] | None = None
+        # A weakref.ref; typed as a plain callable so that `ref() is conn` keeps conn Any.
+        self.ref: Callable[[], Any] | None = None
         self.key = 0
         self.created_at = self.last_used = self.borrowed_at = now
         self.expires_at = float("inf")

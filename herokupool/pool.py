@@ -615,7 +615,7 @@ class ConnectionPool:
         this pool did not lend.
         """
         entry = self._entries.lent.get(id(conn))
-        if entry is None or entry.ref is None or entry.ref() is not conn:
+        if entry is None or entry.ref is None or conn is not entry.ref():
             self._release_unknown(conn)
             return
         try:
@@ -645,7 +645,7 @@ class ConnectionPool:
             self._end_loan(entry, conn, CONNECTIONS_CLOSED, "recycled")
             return
         with self._lock:
-            if entry.state is not _LENT or entry.ref() is not conn:
+            if entry.state is not _LENT or conn is not entry.ref():
                 return  # given back twice at once: the other call took it
             if not self._closed:
                 if not self._waiting:
@@ -673,7 +673,7 @@ class ConnectionPool:
     def discard(self, conn: Any) -> None:
         """Give back a borrowed connection that must not be reused: close it."""
         entry = self._entries.lent.get(id(conn))
-        if entry is None or entry.ref is None or entry.ref() is not conn:
+        if entry is None or entry.ref is None or conn is not entry.ref():
             self._release_unknown(conn)
             return
         self._end_loan(entry, conn, CONNECTIONS_DISCARDED, "discarded")
@@ -927,7 +927,7 @@ class ConnectionPool:
 
     def _release_orphan(self, conn: Any, cleanup: str | None) -> None:
         entry = self._entries.lent.get(id(conn))
-        if entry is None or entry.ref is None or entry.ref() is not conn:
+        if entry is None or entry.ref is None or conn is not entry.ref():
             return  # released meanwhile, or never ours
         logger.warning(
             "pool %r: took back a connection whose borrower ended without releasing it",
