@@ -389,16 +389,18 @@ class ConnectionPool:
         now = self._clock()
         if now >= entry.expires_at:
             return "recycled"
-        if entry.readable() and entry.poller is not None:
+        readable = entry.readable()
+        if readable and entry.poller is not None:
             # Something arrived while idle: a notification, a parameter change, or the
-            # server's goodbye.  poll() reads it, and raises only for the last.
+            # server's goodbye.  poll() reads it (raising when it sees the close); the query
+            # below tells a FATAL whose close has not arrived yet from a notification.
             try:
                 conn.poll()
             except Exception as error:
                 return f"closed ({_first_line(error)})"
             _forget_messages(conn)
         if not (
-            entry.poller is None
+            readable
             or self.test_on_borrow
             or (self.validate_after is not None and now - entry.last_used >= self.validate_after)
         ):
