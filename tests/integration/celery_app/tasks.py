@@ -34,6 +34,7 @@ app.conf.update(
         "data_folder_out": str(folder / "queue"),
         "processed_folder": str(folder / "processed"),
         "polling_interval": 0.05,
+        "control_folder": str(folder / "control"),  # not the current directory
     },
     result_backend=f"file://{folder / 'results'}",
     worker_prefetch_multiplier=1,
