@@ -11,15 +11,21 @@ rollback and reset on release).  When the deadline passes, a watchdog thread shu
 socket down: libpq's wait returns, the call fails with ``OperationalError``, and the
 pool discards the connection.
 
-The watchdog's lock makes cutting and disarming mutually exclusive: after
-:meth:`Deadline.disarm` returns, the socket is either cut already (``disarm`` says so)
-or will never be, so a descriptor is never shut down after its owner moved on.
+A deadline acts only on the socket it was armed for.  Arming takes a ``dup()`` of the
+descriptor, and the watchdog cuts through that copy, which disarming closes: when libpq
+closes its own descriptor (the server dropped the connection) and another socket reuses the
+number before the deadline is disarmed, the copy still refers to the old socket, so the
+unrelated one is never touched.  The watchdog's lock makes cutting and disarming mutually
+exclusive: after :meth:`Deadline.disarm` returns, the socket is either cut already
+(``disarm`` says so) or will never be.
 """
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
+import os
 import socket
 import threading
 import time
@@ -37,8 +43,7 @@ class Deadline:
     The key is drawn before arming, so :meth:`disarm` works (and is idempotent) even
     when an asynchronous exception interrupted ``__enter__`` half-way, where ``with``
     would not call ``__exit__``: callers that can be interrupted call ``disarm()`` in
-    a ``finally`` as well.  A deadline left armed would cut whatever socket later
-    reuses the descriptor.
+    a ``finally`` as well: a deadline left armed keeps its copy of the descriptor open.
     """
 
     __slots__ = ("_key", "expired", "fd", "seconds")
@@ -80,13 +85,15 @@ class _Watchdog:
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.Lock())
         self._heap: list[tuple[float, int]] = []
-        self._armed: dict[int, int] = {}  # key -> fd, while armed and not yet cut
-        self._cut: set[int] = set()  # keys whose socket was cut, until disarmed
+        # key -> our dup() of the descriptor, while armed and not yet cut.
+        self._armed: dict[int, int] = {}
+        self._cut: dict[int, int] = {}  # key -> the dup, once cut, until disarmed
         self._thread: threading.Thread | None = None
 
     def arm(self, key: int, fd: int, when: float) -> None:
+        """Watch a copy of ``fd`` (raises OSError when ``fd`` is already closed)."""
         with self._cond:
-            self._armed[key] = fd
+            self._armed[key] = os.dup(fd)
             heapq.heappush(self._heap, (when, key))
             if self._thread is None:
                 self._thread = threading.Thread(
@@ -98,11 +105,14 @@ class _Watchdog:
 
     def disarm(self, key: int) -> bool:
         with self._cond:
-            self._armed.pop(key, None)
-            if key in self._cut:
-                self._cut.discard(key)
-                return True
-            return False
+            copy = self._armed.pop(key, None)
+            cut = self._cut.pop(key, None)
+        # Outside the lock: the copy is ours alone once out of both tables.
+        for fd in (copy, cut):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        return cut is not None
 
     def _run(self) -> None:
         with self._cond:
@@ -119,9 +129,9 @@ class _Watchdog:
                     continue
                 heapq.heappop(self._heap)
                 fd = self._armed.pop(key)
-                # Under the lock: the owner cannot disarm, so cannot close the
-                # connection and have ``fd`` reused, while we cut it.
-                self._cut.add(key)
+                # Our own copy of the descriptor: it still refers to the socket it was
+                # armed for, whatever libpq closed meanwhile.  Closed by disarm().
+                self._cut[key] = fd
                 _shutdown(fd)
 
     def after_fork_in_child(self) -> None:
@@ -138,7 +148,7 @@ def _shutdown(fd: int) -> None:
     except OSError:
         pass
     finally:
-        sock.detach()  # the descriptor stays the driver's to close
+        sock.detach()  # the descriptor stays open until disarm() closes it
 
 
 _watchdog = _Watchdog()

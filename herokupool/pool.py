@@ -15,37 +15,43 @@ connections out:
 - ``discard()`` drops a connection the caller knows to be bad.
 - ``close()`` closes idle connections at once and in-use ones as they come back.
 
+Who owns a connection at every moment is one field: each connection is an entry in one
+state (``_entries.py``: opening, idle, reserved, handed, lent), changed under the lock in
+one step, and every measure in ``stats()`` is read off the states.  The waiting line is
+``_waiting.py``; the pool's own thread (queued work, repairs, maintenance) is
+``_housekeeping.py``; deadlines on the queries the pool runs itself are ``_deadline.py``.
+
 Promises kept at every step, which the tests check one by one:
 
 - Slow work (connecting, rolling back, closing) never happens while holding the pool's
   lock: the lock only guards the bookkeeping.
-- Every query the pool runs itself has a deadline (see ``_deadline.py``): a silent
-  server costs a borrower about ``timeout``, not forever.
+- Every query the pool runs itself has a deadline: a silent server costs a borrower
+  about ``timeout``, not forever.
 - An exception of any kind (``KeyboardInterrupt``, a signal handler's, ``gevent.Timeout``)
-  at any step loses no slot: the caller gets it, a connection whose state it left
-  unknown is discarded, and ``borrows == releases + in_use`` holds afterwards.
+  at any step strands nothing for long: the caller gets it; a connection whose state it
+  left unknown is discarded; a connection, slot or place in line whose owner left (even
+  one whose clean-up was itself interrupted) is found and put right by the next party that
+  meets it or by the pool's thread within about a second, with a warning; and
+  ``borrows == releases + in_use`` holds by construction.
 
 The connections must provide the small part of psycopg2's connection interface the
 pool uses: ``closed``, ``autocommit``, ``get_transaction_status()``, ``rollback()``,
-``close()``, ``cursor()``, ``fileno()``, ``isolation_level``/``readonly``/``deferrable``
-and ``set_session()``.
+``close()``, ``cursor()``, ``fileno()``, ``poll()``, ``notifies``, ``notices``,
+``isolation_level``/``readonly``/``deferrable`` and ``set_session()``, and accept weak
+references.
 """
 
 from __future__ import annotations
 
 import contextlib
-import enum
 import logging
 import os
 import queue
-import random
-import select
 import threading
 import time
 import traceback
 import weakref
 from _thread import get_ident
-from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any, Final
 
@@ -53,6 +59,9 @@ from psycopg2 import extensions as ext
 
 from herokupool import _fork
 from herokupool._deadline import Deadline
+from herokupool._entries import Entries, Entry, State
+from herokupool._housekeeping import FILL, REPAIR, STOP, work
+from herokupool._waiting import Outcome, Waiter, WaitingLine
 from herokupool.errors import PoolClosed, PoolOverloaded, PoolTimeout
 from herokupool.metrics import MetricsReporter, WaitWindow
 
@@ -61,7 +70,7 @@ __all__ = ["ConnectionPool"]
 logger = logging.getLogger("herokupool.pool")
 
 # Names of the values in ``ConnectionPool.stats()``.
-# Measures: the pool's state at the moment of the call.
+# Measures: the pool's state at the moment of the call, read off the entries' states.
 POOL_MAX: Final = "max"
 POOL_MIN: Final = "min"
 IN_USE: Final = "in_use"
@@ -70,7 +79,7 @@ WAITING: Final = "waiting"
 CONNECTING: Final = "connecting"
 # Counters: totals since the pool was created (or since this process forked).
 BORROWS: Final = "borrows"
-RELEASES: Final = "releases"
+RELEASES: Final = "releases"  # borrows that ended: borrows - in_use, by construction
 WAITS: Final = "waits"
 WAIT_TIME: Final = "wait_time"
 TIMEOUTS: Final = "timeouts"
@@ -83,106 +92,18 @@ CONNECTIONS_LOST: Final = "connections_lost"
 VALIDATIONS: Final = "validations"
 LEAKS: Final = "leaks"
 
-# Fraction of max_lifetime taken off at random per connection, so connections opened
-# together (at start-up, after a restart) do not all expire together.
-_LIFETIME_JITTER = 0.1
-
 # The least time a query the pool runs itself is given, however little of the
 # borrower's timeout is left: a healthy server answers SELECT 1 far sooner.
 _MIN_QUERY_TIME = 0.1
 
-# Thread names of executors whose threads never end, so never give back a connection
-# they did not close: concurrent.futures' default and asyncio's default executor (which
-# asgiref's sync_to_async(thread_sensitive=False) uses).
 # Seconds between the background thread's checks of idle connections when min_conns > 0.
 _MIN_CONNS_CHECK = 1.0
-_EXECUTOR_THREAD_PREFIXES = ("ThreadPoolExecutor", "asyncio_")
 
-
-class _Outcome(enum.Enum):
-    """What a queued borrower was given."""
-
-    PENDING = "pending"
-    SERVED = "served"  # a connection: ``_Waiter.entry``
-    SLOT = "slot"  # permission to open a new connection in a freed slot
-    CLOSED = "closed"  # the pool closed while waiting
-    GAVE_UP = "gave up"  # timed out or interrupted: serve the next one instead
-
-
-class _Entry:
-    """The pool's bookkeeping for one physical connection."""
-
-    __slots__ = (
-        "borrowed_at",
-        "conn",
-        "created_at",
-        "expires_at",
-        "holder",
-        "last_used",
-        "poller",
-        "stack",
-    )
-
-    def __init__(self, conn: Any, now: float, lifetime: float | None) -> None:
-        self.conn = conn
-        self.created_at = now
-        self.last_used = now
-        self.borrowed_at = now
-        self.expires_at = (
-            now + lifetime * (1.0 - random.random() * _LIFETIME_JITTER)
-            if lifetime is not None
-            else float("inf")
-        )
-        self.stack: list[str] | None = None
-        self.holder: int | None = None  # the borrowing thread's ident
-        self.poller = _poller(conn)
-
-    def readable(self) -> bool:
-        """True when the server closed the socket or sent something: an idle
-        connection has nothing to read.  One zero-timeout poll, no round trip."""
-        return self.poller is None or bool(self.poller.poll(0))
-
-
-class _Waiter:
-    """A borrower queued for a connection.
-
-    Both sides act under the pool's lock: whoever serves the waiter pops it from the
-    queue and calls :meth:`serve`, which says no when the waiter already gave up; the
-    waiter gives up with :meth:`give_up`, which says no when it was served first (the
-    waiter must then hand back what it got).  So a connection is never handed to a
-    borrower that has left, and never lost between the two.
-    """
-
-    __slots__ = ("_signal", "entry", "outcome")
-
-    def __init__(self) -> None:
-        self.outcome = _Outcome.PENDING
-        self.entry: _Entry | None = None
-        self._signal = threading.Lock()
-        self._signal.acquire()
-
-    def wait(self, timeout: float) -> None:
-        # Clamped: a larger timeout makes acquire() raise OverflowError.
-        self._signal.acquire(timeout=min(max(timeout, 0.0), threading.TIMEOUT_MAX))
-
-    def serve(self, outcome: _Outcome, entry: _Entry | None = None) -> bool:
-        if self.outcome is not _Outcome.PENDING:
-            return False
-        self.outcome = outcome
-        self.entry = entry
-        self._signal.release()
-        return True
-
-    def give_up(self) -> bool:
-        if self.outcome is not _Outcome.PENDING:
-            return False
-        self.outcome = _Outcome.GAVE_UP
-        return True
-
-
-# Work for the pool's background thread, besides connections to release.
-_FILL: Final = object()
-_STOP: Final = object()
+_LENT = State.LENT
+_IDLE = State.IDLE
+_OPENING = State.OPENING
+_RESERVED = State.RESERVED
+_HANDED = State.HANDED
 
 
 class ConnectionPool:
@@ -193,7 +114,9 @@ class ConnectionPool:
     connection parameters, so no password can reach them.
 
     Durations are float seconds; ``None`` disables ``max_lifetime``, ``max_idle``,
-    ``validate_after`` and ``leak_threshold``.
+    ``validate_after`` and ``leak_threshold``.  ``describe_holder(thread_ident)`` may add a
+    hint to the timeout message about the thread that has held a connection longest (the
+    Django backend names executor threads that never give theirs back).
 
     ``prepare_release(conn)``, when given, is called on each release before anything is
     sent: it restores what the borrower changed on the client side and returns SQL that
@@ -222,6 +145,7 @@ class ConnectionPool:
         prepare_release: Callable[[Any], str | None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         background: bool = True,
+        describe_holder: Callable[[int], str | None] | None = None,
     ) -> None:
         if max_conns < 1:
             raise ValueError(f"pool {name!r}: max_conns ({max_conns}) must be at least 1")
@@ -249,6 +173,7 @@ class ConnectionPool:
         self.max_waiting = max_waiting
         self.log_metrics = log_metrics
         self.prepare_release = prepare_release
+        self.describe_holder = describe_holder
         self._connect = connect
         self._clock = clock
         self._background = background
@@ -258,18 +183,28 @@ class ConnectionPool:
             self._start_worker()  # opens min_conns at once, in the background
 
     def _init_state(self) -> None:
-        # One lock guards every field below; nothing slow runs while holding it.
+        # One lock guards the entries, the line and the counters; nothing slow runs while
+        # holding it.
         self._lock = threading.Lock()
-        self._idle: list[_Entry] = []  # a stack: the most recently used on top
-        self._in_use: dict[int, _Entry] = {}
-        self._waiters: deque[_Waiter] = deque()
-        self._connecting = 0
+        # The background thread's work (see _housekeeping).  A SimpleQueue because its put()
+        # is reentrant: safe from a finalizer or a weak reference's callback that runs in a
+        # thread holding any lock, ours included.
+        self._tasks: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        put = self._tasks.put
+
+        def on_lost(ref: weakref.ReferenceType[Any], put: Callable[[Any], None] = put) -> None:
+            # A lent connection, a waiter or an owner was freed: maybe something is stranded.
+            # Runs wherever the last reference went: no lock, no I/O, just a note.
+            put(REPAIR)
+
+        self._on_lost = on_lost
+        self._entries = Entries()
+        self._line = WaitingLine(on_lost)
+        self._waiting = self._line.refs  # the deque itself: a truth test on the fast path
         self._closed = False
         self._last_error: BaseException | None = None
         self._counters = dict.fromkeys(
             (
-                BORROWS,
-                RELEASES,
                 WAITS,
                 TIMEOUTS,
                 SHED,
@@ -285,10 +220,6 @@ class ConnectionPool:
         )
         self._wait_time = 0.0
         self._pid = os.getpid()
-        # The background thread's work: connections to release (release_later), _FILL,
-        # _STOP.  A SimpleQueue because its put() is reentrant: safe from a finalizer
-        # that runs in a thread holding any lock, ours included.
-        self._tasks: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._worker: threading.Thread | None = None
         # Recent waits and the periodic metrics line / advice (herokupool.metrics).
         self._window = WaitWindow()
@@ -299,9 +230,10 @@ class ConnectionPool:
     def __repr__(self) -> str:
         with self._lock:
             state = "closed" if self._closed else "open"
+            counts = self._entries.counts
             return (
-                f"<{type(self).__name__} {self.name!r} {state}: {len(self._in_use)} in use, "
-                f"{len(self._idle)} idle, {len(self._waiters)} waiting, max {self.max_conns}>"
+                f"<{type(self).__name__} {self.name!r} {state}: {counts[_LENT]} in use, "
+                f"{counts[_IDLE]} idle, {len(self._line)} waiting, max {self.max_conns}>"
             )
 
     @property
@@ -326,7 +258,8 @@ class ConnectionPool:
 
         Waits up to ``timeout`` (default: the pool's) for one to be free, and bounds
         the validation query by what is left of it.  Raises :class:`PoolTimeout` when
-        none became free in time, :class:`PoolClosed` when the pool is closed, and the
+        none became free in time (:class:`PoolOverloaded` at once when ``max_waiting``
+        borrowers already wait), :class:`PoolClosed` when the pool is closed, and the
         driver's own error when opening a new connection failed (the database is
         unreachable, not the pool exhausted).
         """
@@ -335,176 +268,148 @@ class ConnectionPool:
                 self._start_worker()
         elif not self._tasks.empty():
             self._run_tasks()
-        timeout = self.timeout if timeout is None else timeout
-        started = None  # read only when the borrow must wait: the fast path reads the clock once
-        waiter = None
+        conn = None
+        with self._lock:
+            if self._closed:
+                raise PoolClosed(f"pool {self.name!r} is closed")
+            entries = self._entries
+            idle = entries.idle
+            if idle:
+                # The fast path: the top idle connection needs no query (not expired, used
+                # within validate_after, nothing on its socket), so it is lent in one step.
+                entry = idle[-1]
+                now = self._clock()
+                poller = entry.poller
+                if (
+                    now < entry.expires_at
+                    and not self.test_on_borrow
+                    and (self.validate_after is None or now - entry.last_used < self.validate_after)
+                    and poller is not None
+                    and not poller.poll(0)
+                ):
+                    conn = entries.lend_top(now, get_ident())
+                    in_use = entries.counts[_LENT]
+        if conn is None:
+            return self._borrow_slowly(self.timeout if timeout is None else timeout)
+        # Outside the lock: note_in_use is lock-free (see herokupool.metrics).
+        self._window.note_in_use(in_use, now)
+        if self.leak_threshold is not None:
+            entry.stack = traceback.format_stack()[:-1]
+        return conn
+
+    def _borrow_slowly(self, timeout: float) -> Any:
+        """Validate, open or wait: every borrow the fast path could not serve.
+
+        ``waiter`` is this borrow's token: it owns whatever entry the borrow works on, so
+        an entry left behind by an exception (even one landing in the clean-up below) is
+        stranded with a dead owner, which the pool's thread puts right.
+        """
+        waiter = Waiter()
+        started: float | None = None
+        keep_turn = False
+        try:
+            while True:
+                entry = self._claim(waiter, keep_turn)
+                if entry is None:  # queued
+                    started = self._clock()
+                    self._window.note_waiting(len(self._line), started)
+                    waiter.wait(timeout)
+                    entry = self._resolve(waiter, started)
+                if entry.state is _OPENING:
+                    return self._open(entry, started)
+                problem = self._check(entry, started, timeout)
+                conn = self._lend_checked(entry, problem, started)
+                if conn is not None:
+                    return conn
+                keep_turn = True  # replaced in the same turn: the slot it freed is ours
+        except BaseException:
+            self._abandon(waiter)
+            raise
+
+    def _claim(self, waiter: Waiter, keep_turn: bool) -> Entry | None:
+        """Take the top idle connection (RESERVED for checking) or a free slot (OPENING),
+        owned by ``waiter``; else queue ``waiter`` and return None."""
         overloaded = None
         with self._lock:
             if self._closed:
                 raise PoolClosed(f"pool {self.name!r} is closed")
-            if self._idle:
-                entry = self._idle.pop()
-                self._in_use[id(entry.conn)] = entry
-                self._counters[BORROWS] += 1
-                got: _Entry | None = entry
-            elif len(self._in_use) + self._connecting < self.max_conns:
-                self._connecting += 1
-                got = None  # a slot: open a connection in it
-            elif self.max_waiting is not None and len(self._waiters) >= self.max_waiting:
-                self._counters[SHED] += 1
-                overloaded = (
-                    f"pool {self.name!r}: {len(self._waiters)} borrowers already waiting "
-                    f"(max_waiting {self.max_waiting}), so this one was refused at once "
-                    f"({len(self._in_use)} in use, {len(self._idle)} idle, max {self.max_conns})"
-                )
-            else:
-                waiter = _Waiter()
-                self._waiters.append(waiter)
-                queued = len(self._waiters)
+            entries = self._entries
+            now = self._clock()
+            if entries.idle:
+                entry = entries.idle[-1]
+                entries.move(entry, _RESERVED, weakref.ref(waiter, self._on_lost), now)
+                waiter.entry = entry
+                return entry
+            if len(entries) < self.max_conns:
+                entry = Entry(now, weakref.ref(waiter, self._on_lost))
+                entries.add(entry)
+                waiter.entry = entry
+                return entry
+            if not keep_turn and self.max_waiting is not None:
+                if len(self._line) >= self.max_waiting:
+                    self._line.prune()  # a borrower that left does not count
+                if len(self._line) >= self.max_waiting:
+                    self._counters[SHED] += 1
+                    overloaded = (
+                        f"pool {self.name!r}: {len(self._line)} borrowers already waiting "
+                        f"(max_waiting {self.max_waiting}), so this one was refused at once "
+                        f"({entries.counts[_LENT]} in use, {entries.counts[_IDLE]} idle, "
+                        f"max {self.max_conns})"
+                    )
+            if overloaded is None:
+                self._line.append(waiter)
                 self._counters[WAITS] += 1
-        if overloaded is not None:
-            self._window.record_shed(self._clock())
-            raise PoolOverloaded(overloaded)
-        if waiter is not None:
-            started = self._clock()
-            self._window.note_waiting(queued, started)
-            got = self._wait(waiter, started, timeout)
-        entry = self._ready(got, started, timeout)
-        now = entry.borrowed_at  # set by _ready: no second clock read
-        if started is not None:
-            self._window.record_wait(now - started, now)
-        # Outside the lock: note_in_use is lock-free (see herokupool.metrics).
-        self._window.note_in_use(len(self._in_use), now)
-        entry.holder = get_ident()
-        if self.leak_threshold is not None:
-            entry.stack = traceback.format_stack()[:-2]
-        return entry.conn
+                return None
+        self._window.record_shed(self._clock())
+        raise PoolOverloaded(overloaded)
 
-    def _wait(self, waiter: _Waiter, started: float, timeout: float) -> _Entry | None:
-        """Wait in line; return a connection or None for a slot to open one in."""
-        try:
-            waiter.wait(timeout)
-        except BaseException:
-            # Interrupted (a signal handler's exception, gevent.Timeout): leave the
-            # line, or hand on what we were given in the meantime.
-            self._leave_line(waiter)
-            raise
-        message, cause = "", None
+    def _resolve(self, waiter: Waiter, started: float) -> Entry:
+        """What a queued borrower got once woken (or timed out)."""
+        message = None
         with self._lock:
             now = self._clock()
             self._wait_time += now - started
             if waiter.give_up():
-                self._waiters.remove(waiter)
+                self._line.remove(waiter)
                 self._counters[TIMEOUTS] += 1
                 self._window.record_timeout(now - started, now)
                 message = self._timeout_message(now - started, now)
                 cause = self._last_error
-                outcome = _Outcome.GAVE_UP
-            else:
-                outcome = waiter.outcome
-        if outcome is _Outcome.GAVE_UP:
+            elif waiter.outcome is Outcome.SERVED:
+                entry: Entry = waiter.entry
+                if entry.state is _HANDED and entry.owner is not None and entry.owner() is waiter:
+                    self._entries.move(entry, _RESERVED, entry.owner, now)
+            elif waiter.outcome is Outcome.SLOT:
+                entry = waiter.entry
+        if message is not None:
             raise PoolTimeout(message) from cause
-        if outcome is _Outcome.CLOSED:
+        if waiter.outcome is Outcome.CLOSED:
             raise PoolClosed(f"pool {self.name!r} was closed while waiting for a connection")
-        return waiter.entry  # SERVED: a connection; SLOT: None
+        return entry
 
-    def _leave_line(self, waiter: _Waiter) -> None:
-        with self._lock:
-            if waiter.give_up():
-                self._waiters.remove(waiter)
-                return
-        if waiter.outcome is _Outcome.SERVED:
-            assert waiter.entry is not None
-            self._hand_back(waiter.entry)
-        elif waiter.outcome is _Outcome.SLOT:
-            with self._lock:
-                self._connecting -= 1
-                self._wake_for_slot()
-
-    def _timeout_message(self, waited: float, now: float) -> str:
-        """Why a borrower timed out, with the numbers.  Called with the lock held."""
-        message = (
-            f"pool {self.name!r}: timed out after {waited:.1f} s waiting for a "
-            f"connection ({len(self._in_use)} in use, {len(self._idle)} idle, "
-            f"{len(self._waiters)} waiting, max {self.max_conns})"
-        )
-        if self._connecting:
-            # The slots are held by connection attempts, not by borrowers: without this
-            # an unresponsive server reads as "0 in use" exhaustion.
-            message += f"; {self._connecting} still connecting to the server"
-        held = [e for e in self._in_use.values() if e.holder is not None]
-        if held:
-            oldest = min(held, key=lambda e: e.borrowed_at)
-            names = {thread.ident: thread.name for thread in threading.enumerate()}
-            name = names.get(oldest.holder)
-            message += f"; held longest: {now - oldest.borrowed_at:.1f} s by " + (
-                f"thread {name!r}" if name is not None else "a thread that has ended"
-            )
-            if name is not None and name.startswith(_EXECUTOR_THREAD_PREFIXES):
-                message += (
-                    " (an executor's threads never end, so a connection they do not close "
-                    "stays borrowed: call close_old_connections() in them, e.g. around "
-                    "sync_to_async(thread_sensitive=False) work)"
-                )
-        if self._last_error is not None:
-            message += f"; the last attempt to connect failed: {_first_line(self._last_error)}"
-        return message
-
-    def _ready(self, got: _Entry | None, started: float | None, timeout: float) -> _Entry:
-        """Turn what borrow obtained (a connection, or None for a slot) into a checked
-        connection.  A bad one is replaced without losing the borrower's turn: by
-        another idle connection, else by a new one in the same slot."""
-        while True:
-            if got is None:
-                return self._open_in_slot()
-            entry = got
-            try:
-                problem = self._check(entry, started, timeout)
-            except BaseException:
-                # Interrupted during validation: the session's state is unknown.
-                self._drop(entry, CONNECTIONS_DISCARDED, "interrupted on borrow", borrows=-1)
-                raise
-            if problem is None:
-                return entry
-            counter = CONNECTIONS_CLOSED if problem == "recycled" else CONNECTIONS_LOST
-            if counter == CONNECTIONS_LOST:
-                logger.warning(
-                    "pool %r: discarded a dead connection on borrow (%s)", self.name, problem
-                )
-            with self._lock:
-                del self._in_use[id(entry.conn)]
-                self._counters[counter] += 1
-                dead = self._sweep_idle() if counter == CONNECTIONS_LOST else []
-                closed = self._closed
-                if self._idle and not closed:
-                    got = self._idle.pop()
-                    self._in_use[id(got.conn)] = got
-                else:
-                    self._counters[BORROWS] -= 1
-                    self._connecting += 0 if closed else 1
-                    got = None
-            for other in (entry, *dead):
-                _close_quietly(other.conn)
-            if closed:
-                raise PoolClosed(f"pool {self.name!r} was closed while lending a connection")
-
-    def _check(self, entry: _Entry, started: float | None, timeout: float) -> str | None:
-        """Why ``entry`` may not be handed out, or None when it is healthy (then it is
-        marked borrowed now).  A validation query gets what is left of the borrow's
-        ``timeout`` from ``started`` (None: now)."""
+    def _check(self, entry: Entry, started: float | None, timeout: float) -> str | None:
+        """Why a RESERVED ``entry`` may not be lent, or None when it is healthy.  A validation
+        query gets what is left of the borrow's ``timeout`` from ``started`` (None: now)."""
         conn = entry.conn
+        if entry.state is not _RESERVED or conn is None:
+            return "moved"  # put right meanwhile: try another one
         if conn.closed:
             return "closed"
         now = self._clock()
         if now >= entry.expires_at:
             return "recycled"
-        entry.borrowed_at = now
-        # The zero-timeout poll costs no round trip; only a query can tell a FATAL
-        # before termination from, say, a NOTIFY, so a readable socket gets one.
-        poller = entry.poller
+        readable = entry.readable()
+        if readable and entry.poller is not None:
+            # Something arrived while idle: a notification, a parameter change, or the
+            # server's goodbye.  poll() reads it (raising when it sees the close); the query
+            # below tells a FATAL whose close has not arrived yet from a notification.
+            try:
+                conn.poll()
+            except Exception as error:
+                return f"closed ({_first_line(error)})"
+            _forget_messages(conn)
         if not (
-            poller is None
-            or poller.poll(0)
+            readable
             or self.test_on_borrow
             or (self.validate_after is not None and now - entry.last_used >= self.validate_after)
         ):
@@ -532,32 +437,79 @@ class ConnectionPool:
             return "validation got no answer in time; the connection was cut"
         return None
 
-    def _sweep_idle(self) -> list[_Entry]:
-        """One connection was found dead: take out the idle ones whose socket says they
-        died too (a server restart ends them all), by a zero-timeout poll each, with no
-        round trip.  Healthy ones stay, so one killed backend costs one reconnect.
+    def _lend_checked(self, entry: Entry, problem: str | None, started: float | None) -> Any:
+        """Lend a checked entry, or drop it (``problem``) and return None."""
+        close = None
+        with self._lock:
+            now = self._clock()
+            if problem is None and entry.state is _RESERVED and not self._closed:
+                conn = self._entries.lend(entry, now, get_ident())
+                in_use = self._entries.counts[_LENT]
+            else:
+                conn = None
+                if entry.state is _RESERVED:
+                    close = self._entries.remove(entry)
+                    lost = problem not in ("recycled", "moved") and not self._closed
+                    self._counters[CONNECTIONS_LOST if lost else CONNECTIONS_CLOSED] += 1
+                closed = self._closed
+        if conn is not None:
+            if started is not None:
+                self._window.record_wait(now - started, now)
+            self._window.note_in_use(in_use, now)
+            if self.leak_threshold is not None:
+                entry.stack = traceback.format_stack()[:-3]
+            return conn
+        if close is not None:
+            _close_quietly(close)
+        if closed:
+            raise PoolClosed(f"pool {self.name!r} was closed while lending a connection")
+        if problem not in ("recycled", "moved"):
+            logger.warning(
+                "pool %r: discarded a dead connection on borrow (%s)", self.name, problem
+            )
+            self._sweep()  # a restart ends them all: find the others now
+        return None
 
-        Must be called with the lock held; the caller closes what it returns.
-        """
-        dead = [e for e in self._idle if e.conn.closed or e.readable()]
-        if dead:
-            self._idle = [e for e in self._idle if not (e.conn.closed or e.readable())]
-            self._counters[CONNECTIONS_LOST] += len(dead)
-            for _ in dead:
-                self._wake_for_slot()
-        return dead
-
-    def _connect_in_slot(self) -> Any:
-        """Open a connection in a slot already counted in ``_connecting``.
+    def _open(self, entry: Entry, started: float | None) -> Any:
+        """Open a connection in the OPENING ``entry`` (a slot this borrow owns) and lend it.
 
         On failure the slot goes to the next waiter, which tries for itself: during an
         outage every borrower fails fast instead of queueing behind the first.
         """
+        conn = self._connect_in(entry)
+        try:
+            now = self._clock()
+            entry.attach(conn, now, self.max_lifetime, self._on_lost)
+        except BaseException:
+            _close_quietly(conn)
+            raise
+        with self._lock:
+            self._opened()
+            if self._closed:
+                lent = None
+                self._entries.remove(entry)
+            elif entry.state is _OPENING:
+                lent = self._entries.lend(entry, now, get_ident())
+                in_use = self._entries.counts[_LENT]
+            else:  # put right meanwhile (cannot happen while we own it): do not lend it
+                lent = None
+        if lent is None:
+            _close_quietly(conn)
+            raise PoolClosed(f"pool {self.name!r} was closed while opening a connection")
+        logger.debug("pool %r: opened a connection", self.name)
+        if started is not None:
+            self._window.record_wait(now - started, now)
+        self._window.note_in_use(in_use, now)
+        if self.leak_threshold is not None:
+            entry.stack = traceback.format_stack()[:-3]
+        return lent
+
+    def _connect_in(self, entry: Entry) -> Any:
         try:
             return self._connect()
         except BaseException as error:
             with self._lock:
-                self._connecting -= 1
+                self._entries.remove(entry)
                 self._counters[CONNECTIONS_FAILED] += 1
                 if isinstance(error, Exception):
                     self._last_error = error
@@ -567,83 +519,98 @@ class ConnectionPool:
             )
             raise
 
-    def _entry_for(self, conn: Any) -> _Entry:
-        """The bookkeeping for ``conn``, just opened in a slot counted in
-        ``_connecting``; if even that is interrupted, the slot is freed and ``conn``
-        closed."""
-        try:
-            return _Entry(conn, self._clock(), self.max_lifetime)
-        except BaseException:
-            with self._lock:
-                self._connecting -= 1
-                self._wake_for_slot()
-            _close_quietly(conn)
-            raise
-
-    def _opened(self) -> bool:
-        """Count a connection opened in a slot; True when the pool closed meanwhile (the
-        caller then closes it).  Must be called with the lock held."""
-        self._connecting -= 1
+    def _opened(self) -> None:
+        """Count a connection just opened.  Must be called with the lock held."""
         self._counters[CONNECTIONS_CREATED] += 1
         self._last_error = None
-        return self._closed
 
-    def _open_in_slot(self) -> _Entry:
-        """Open a connection for the calling borrower (see ``_connect_in_slot``)."""
-        conn = self._connect_in_slot()
-        entry = self._entry_for(conn)
+    def _abandon(self, waiter: Waiter) -> None:
+        """A borrow ended in an exception: leave the line, and put right whatever entry it
+        was working on (hand on a connection it was given, free its slot, discard one whose
+        check it left unfinished).  Idempotent."""
         with self._lock:
-            closed = self._opened()
-            if not closed:
-                self._in_use[id(conn)] = entry
-                self._counters[BORROWS] += 1
-        if closed:
-            _close_quietly(conn)
-            raise PoolClosed(f"pool {self.name!r} was closed while opening a connection")
-        logger.debug("pool %r: opened a connection", self.name)
-        return entry
+            if waiter.give_up():
+                self._line.remove(waiter)
+            entry: Entry | None = waiter.entry
+            close = None
+            if entry is not None and entry.owner is not None and entry.owner() is waiter:
+                close = self._put_right(entry)
+        if close is not None:
+            _close_quietly(close)
+
+    def _put_right(self, entry: Entry) -> Any:
+        """Move on an entry whose owner left; return a connection to close outside the
+        lock, if any.  Must be called with the lock held."""
+        state = entry.state
+        if state is _HANDED and not self._closed:
+            # Handed over clean and never used: the next waiter, or the idle stack.
+            self._hand_on(entry, entry.conn, self._clock())
+            return None
+        if state in (_HANDED, _RESERVED, _LENT):
+            self._counters[CONNECTIONS_CLOSED if self._closed else CONNECTIONS_DISCARDED] += 1
+        conn = self._entries.remove(entry)  # OPENING: a slot; RESERVED: its state unknown
+        self._wake_for_slot()
+        return conn
+
+    def _hand_on(self, entry: Entry, conn: Any, now: float, *, bottom: bool = False) -> None:
+        """Give a clean connection to the oldest waiter, else to the idle stack.  Must be
+        called with the lock held."""
+        waiter = self._line.next()
+        if waiter is None:
+            self._entries.shelve(entry, conn, bottom=bottom)
+            return
+        entry.conn = conn
+        self._entries.move(entry, _HANDED, weakref.ref(waiter, self._on_lost), now)
+        waiter.set(Outcome.SERVED, entry)  # last: the waiter finds the entry HANDED to it
 
     def _wake_for_slot(self, *, refill: bool = True) -> None:
-        """A slot just became free: let the oldest waiter open a connection in it, or
-        ask the background thread to refill towards ``min_conns`` (not after a failed
-        connect: during an outage that would retry in a tight loop; maintenance retries).
+        """Slots may be free: let the oldest waiters open connections in them, or ask the
+        background thread to refill towards ``min_conns`` (not after a failed connect:
+        during an outage that would retry in a tight loop; maintenance retries).
 
         Must be called with the lock held.
         """
-        if self._closed or len(self._in_use) + self._connecting >= self.max_conns:
+        if self._closed:
             return
-        while self._waiters:
-            self._connecting += 1
-            if self._waiters.popleft().serve(_Outcome.SLOT):
-                return
-            self._connecting -= 1
-        if refill and len(self._in_use) + len(self._idle) + self._connecting < self.min_conns:
-            self._tasks.put(_FILL)
+        entries = self._entries
+        while len(entries) < self.max_conns:
+            waiter = self._line.next()
+            if waiter is None:
+                break
+            entry = Entry(self._clock(), weakref.ref(waiter, self._on_lost))
+            entries.add(entry)
+            waiter.set(Outcome.SLOT, entry)
+        if refill and len(entries) < self.min_conns:
+            self._tasks.put(FILL)
 
-    def _hand_over(self, entry: _Entry) -> bool:
-        """Give a clean, borrowed ``entry`` to the oldest waiter, if any, counting a
-        borrow for it.  Must be called with the lock held."""
-        while self._waiters:
-            if self._waiters.popleft().serve(_Outcome.SERVED, entry):
-                self._counters[BORROWS] += 1
-                return True
-        return False
-
-    def _hand_back(self, entry: _Entry) -> None:
-        """Take back a connection that was handed to a borrower who left before using
-        it: it is clean, so it goes to the next waiter or the idle stack as it is."""
-        with self._lock:
-            self._counters[BORROWS] -= 1
-            if self._closed:
-                del self._in_use[id(entry.conn)]
-                self._counters[CONNECTIONS_CLOSED] += 1
-            elif self._hand_over(entry):
-                return
-            else:
-                del self._in_use[id(entry.conn)]
-                self._idle.append(entry)
-                return
-        _close_quietly(entry.conn)
+    def _timeout_message(self, waited: float, now: float) -> str:
+        """Why a borrower timed out, with the numbers.  Called with the lock held."""
+        counts = self._entries.counts
+        message = (
+            f"pool {self.name!r}: timed out after {waited:.1f} s waiting for a "
+            f"connection ({counts[_LENT]} in use, {counts[_IDLE]} idle, "
+            f"{len(self._line)} waiting, max {self.max_conns})"
+        )
+        if counts[_OPENING]:
+            # The slots are held by connection attempts, not by borrowers: without this
+            # an unresponsive server reads as "0 in use" exhaustion.
+            message += f"; {counts[_OPENING]} still connecting to the server"
+        held = [e for e in self._entries.lent.values() if e.holder is not None]
+        if held:
+            oldest = min(held, key=lambda e: e.borrowed_at)
+            names = {thread.ident: thread.name for thread in threading.enumerate()}
+            name = names.get(oldest.holder)
+            message += f"; held longest: {now - oldest.borrowed_at:.1f} s by " + (
+                f"thread {name!r}" if name is not None else "a thread that has ended"
+            )
+            if self.describe_holder is not None and oldest.holder is not None:
+                with contextlib.suppress(Exception):
+                    hint = self.describe_holder(oldest.holder)
+                    if hint:
+                        message += f" ({hint})"
+        if self._last_error is not None:
+            message += f"; the last attempt to connect failed: {_first_line(self._last_error)}"
+        return message
 
     # ---------------------------------------------------------------- release
 
@@ -652,48 +619,54 @@ class ConnectionPool:
 
         An open or failed transaction is rolled back (a raw ``BEGIN`` too); ``cleanup``
         is SQL run first to undo what only the caller knows it left (e.g. ``CLOSE ALL``
-        after server-side cursors).  A connection that cannot be cleaned within the
-        pool's timeout, a broken one, one past ``max_lifetime`` or one returned to a
-        closed pool is closed instead of kept.
+        after server-side cursors), then the pool's ``reset``.  Notifications and notices
+        the borrower left unread are dropped.  A connection that cannot be cleaned within
+        the pool's timeout, a broken one, one past ``max_lifetime`` or one returned to a
+        closed pool is closed instead of kept.  Raises ``ValueError`` for a connection
+        this pool did not lend.
         """
-        entry = self._in_use.get(id(conn))
-        if entry is None or entry.conn is not conn:
+        entry = self._entries.lent.get(id(conn))
+        if entry is None or entry.ref is None or conn is not entry.ref():
             self._release_unknown(conn)
             return
         try:
             problem = self._reset(conn, cleanup)
+            if problem is None:
+                # What the borrower left unread must not reach the next one, nor grow.
+                if conn.notifies:
+                    conn.notifies.clear()
+                if conn.notices:
+                    conn.notices.clear()
+            now = self._clock()
         except BaseException:
             # Interrupted while cleaning: the session's state is unknown.
-            self._drop(entry, CONNECTIONS_DISCARDED, "interrupted on release", releases=1)
+            self._end_loan(entry, conn, CONNECTIONS_DISCARDED, "interrupted on release")
             raise
         if problem is not None:
             if problem == "lost":
                 logger.warning("pool %r: a connection was lost while in use", self.name)
-                self._drop(entry, CONNECTIONS_LOST, problem, releases=1, sweep=True)
+                self._end_loan(entry, conn, CONNECTIONS_LOST, problem, sweep=True)
             else:
                 logger.warning(
                     "pool %r: discarded a connection on release (%s)", self.name, problem
                 )
-                self._drop(entry, CONNECTIONS_DISCARDED, problem, releases=1)
+                self._end_loan(entry, conn, CONNECTIONS_DISCARDED, problem)
             return
-        now = self._clock()
         if now >= entry.expires_at:
-            self._drop(entry, CONNECTIONS_CLOSED, "recycled", releases=1)
+            self._end_loan(entry, conn, CONNECTIONS_CLOSED, "recycled")
             return
-        entry.last_used = now
-        entry.stack = None
-        entry.holder = None
         with self._lock:
-            self._counters[RELEASES] += 1
-            if self._closed:
-                del self._in_use[id(conn)]
-                self._counters[CONNECTIONS_CLOSED] += 1
-            elif self._hand_over(entry):  # FIFO: the entry stays in _in_use for the waiter
+            if entry.state is not _LENT or conn is not entry.ref():
+                return  # given back twice at once: the other call took it
+            if not self._closed:
+                if not self._waiting:
+                    self._entries.give_back(entry, conn, now)
+                    return
+                entry.last_used = now
+                self._hand_on(entry, conn, now)  # FIFO: straight to the oldest waiter
                 return
-            else:
-                del self._in_use[id(conn)]
-                self._idle.append(entry)
-                return
+            self._entries.remove(entry)
+            self._counters[CONNECTIONS_CLOSED] += 1
         _close_quietly(conn)
 
     def release_later(self, conn: Any, *, cleanup: str | None = None) -> None:
@@ -703,23 +676,38 @@ class ConnectionPool:
         For code that must not block or take a lock: a garbage-collector finalizer or a
         weakref callback runs in whichever thread triggered it, possibly one inside
         this pool's lock.  Never raises; a connection this pool does not know is
-        ignored when its turn comes.
+        ignored when its turn comes.  After :meth:`close` the pool's thread stays until
+        every lent connection came back, so such a connection is closed at once.
         """
         self._tasks.put((conn, cleanup))
 
     def discard(self, conn: Any) -> None:
         """Give back a borrowed connection that must not be reused: close it."""
-        entry = self._in_use.get(id(conn))
-        if entry is None or entry.conn is not conn:
+        entry = self._entries.lent.get(id(conn))
+        if entry is None or entry.ref is None or conn is not entry.ref():
             self._release_unknown(conn)
             return
-        self._drop(entry, CONNECTIONS_DISCARDED, "discarded", releases=1)
+        self._end_loan(entry, conn, CONNECTIONS_DISCARDED, "discarded")
 
     def _release_unknown(self, conn: Any) -> None:
         if any(conn is inherited for inherited in _inherited):
             # Borrowed by our parent before fork(): the parent still owns its socket.
             return
         raise ValueError(f"pool {self.name!r}: this connection was not borrowed from this pool")
+
+    def _end_loan(
+        self, entry: Entry, conn: Any, counter: str, reason: str, *, sweep: bool = False
+    ) -> None:
+        """Close a lent ``conn`` and free its slot for a waiter."""
+        with self._lock:
+            if entry.state is _LENT and entry.ref is not None and entry.ref() is conn:
+                self._entries.remove(entry)
+                self._counters[counter] += 1
+                self._wake_for_slot()
+        logger.debug("pool %r: closed a connection (%s)", self.name, reason)
+        _close_quietly(conn)
+        if sweep:
+            self._sweep()
 
     def _reset(self, conn: Any, cleanup: str | None) -> str | None:
         """Make ``conn`` ready for the next borrower; say why not when it cannot be."""
@@ -790,27 +778,56 @@ class ConnectionPool:
             return "a transaction could not be ended"
         return None
 
-    def _drop(
-        self,
-        entry: _Entry,
-        counter: str,
-        reason: str,
-        *,
-        releases: int = 0,
-        borrows: int = 0,
-        sweep: bool = False,
-    ) -> None:
-        """Close a borrowed ``entry`` and free its slot for a waiter."""
+    def _sweep(self) -> int:
+        """One connection was found dead: take out the idle ones that died too (a server
+        restart ends them all), by a zero-timeout poll each.  A readable socket is not a
+        dead one (a notification, a parameter change): ``conn.poll()`` reads what is there
+        and raises only for a closed connection, outside the lock.  Healthy ones stay, so
+        one killed backend costs one reconnect.  Returns how many were dead."""
+        token = Waiter()  # owns the suspects while they are polled
+        owner = weakref.ref(token, self._on_lost)
         with self._lock:
-            del self._in_use[id(entry.conn)]
-            self._counters[RELEASES] += releases
-            self._counters[BORROWS] += borrows
-            self._counters[counter] += 1
-            dead = self._sweep_idle() if sweep else []
-            self._wake_for_slot()
-        logger.debug("pool %r: closed a connection (%s)", self.name, reason)
-        for other in (entry, *dead):
-            _close_quietly(other.conn)
+            now = self._clock()
+            suspects = [e for e in self._entries.idle if e.conn.closed or e.readable()]
+            for entry in suspects:
+                self._entries.move(entry, _RESERVED, owner, now)
+        if not suspects:
+            del owner  # before the token, so its callback never runs
+            return 0
+        alive: list[Entry] = []
+        try:
+            for entry in suspects:
+                conn = entry.conn
+                if conn.closed or entry.poller is None:
+                    continue
+                try:
+                    conn.poll()
+                except Exception:
+                    continue
+                _forget_messages(conn)
+                alive.append(entry)
+        finally:
+            dead = []
+            with self._lock:
+                for entry in suspects:
+                    if entry.state is not _RESERVED or entry.owner is not owner:
+                        continue  # put right meanwhile
+                    if entry in alive and not self._closed:
+                        self._entries.shelve(entry, entry.conn, bottom=True)
+                    else:
+                        dead.append(self._entries.remove(entry))
+                        self._counters[CONNECTIONS_LOST] += 1
+                if dead:
+                    self._wake_for_slot()
+            # Dropped before the token: a weak reference that dies first never calls back,
+            # so a sweep that finished leaves no repair behind.
+            del owner
+            for conn in dead:
+                _close_quietly(conn)
+        if dead:
+            logger.warning("pool %r: %d idle connection(s) found dead", self.name, len(dead))
+        del token
+        return len(dead)
 
     # ------------------------------------------------------------- lifecycle
 
@@ -823,59 +840,54 @@ class ConnectionPool:
             if self._closed:
                 return
             self._closed = True
-            idle, self._idle = self._idle, []
+            idle = [self._entries.remove(entry) for entry in list(self._entries.idle)]
             self._counters[CONNECTIONS_CLOSED] += len(idle)
-            while self._waiters:
-                self._waiters.popleft().serve(_Outcome.CLOSED)
-        self._tasks.put(_STOP)
-        for entry in idle:
-            _close_quietly(entry.conn)
+            self._line.close()
+        self._tasks.put(STOP)
+        for conn in idle:
+            _close_quietly(conn)
         if self._worker is None:
             self._run_tasks()  # connections given to release_later
         logger.debug("pool %r: closed", self.name)
 
     def run_maintenance(self) -> None:
         """Close expired and surplus idle connections, refill to ``min_conns``, report
-        leaks and release what ``release_later`` was given.  The background thread
-        calls this periodically; tests call it directly with an injected clock."""
+        leaks, release what ``release_later`` was given and put right anything stranded.
+        The background thread calls this periodically; tests call it directly with an
+        injected clock."""
         self._run_tasks()
+        self._repair()
         now = self._clock()
         with self._lock:
             if self._closed:
                 return
-            keep: list[_Entry] = []
-            expired: list[_Entry] = []
-            surplus = len(self._idle) + len(self._in_use) + self._connecting - self.min_conns
+            entries = self._entries
+            expired: list[Any] = []
+            surplus = len(entries) - self.min_conns
             # Oldest-used first (bottom of the stack), so the hottest connections stay.
-            for entry in self._idle:
+            for entry in list(entries.idle):
                 if now >= entry.expires_at or (
                     self.max_idle is not None
                     and surplus > 0
                     and now - entry.last_used >= self.max_idle
                 ):
-                    expired.append(entry)
+                    expired.append(entries.remove(entry))
                     surplus -= 1
-                else:
-                    keep.append(entry)
-            self._idle = keep
             self._counters[CONNECTIONS_CLOSED] += len(expired)
-            # Idle connections the server ended meanwhile (pg_terminate_backend,
-            # idle_session_timeout): a zero-timeout poll each, so _fill() below replaces
-            # them now rather than at the next borrow.
-            dead = self._sweep_idle()
             leaks = []
             if self.leak_threshold is not None:
-                for entry in self._in_use.values():
+                for entry in entries.lent.values():
                     if entry.stack is not None and now - entry.borrowed_at >= self.leak_threshold:
                         leaks.append((now - entry.borrowed_at, entry.stack))
                         entry.stack = None  # report each borrow once
                 self._counters[LEAKS] += len(leaks)
-        for entry in (*expired, *dead):
-            _close_quietly(entry.conn)
+        for conn in expired:
+            _close_quietly(conn)
         if expired:
             logger.info("pool %r: closed %d expired idle connection(s)", self.name, len(expired))
-        if dead:
-            logger.warning("pool %r: %d idle connection(s) found dead", self.name, len(dead))
+        # Idle connections the server ended meanwhile (pg_terminate_backend,
+        # idle_session_timeout): _fill() below replaces them now rather than at the next borrow.
+        self._sweep()
         for held, stack in leaks:
             logger.warning(
                 "pool %r: a connection has been borrowed for %.1f s (leak_threshold %.1f s); "
@@ -888,6 +900,35 @@ class ConnectionPool:
         self._fill()
         self._reporter.tick(self.stats, self._clock())
 
+    def _repair(self) -> None:
+        """Find and put right what an interruption left stranded: entries whose owner (or,
+        lent, whose connection) is gone, waiters that left without leaving the line, counts
+        or indexes that drifted from the states.  Cheap when there is nothing to do."""
+        with self._lock:
+            entries = self._entries
+            drift = entries.audit()
+            ghosts = self._line.prune()
+            repaired: list[tuple[State, Any]] = []
+            for entry in [e for e in entries.all if e.stranded()]:
+                repaired.append((entry.state, self._put_right(entry)))
+            self._wake_for_slot(refill=False)  # _put_right asked for a refill if one is due
+        for _, conn in repaired:
+            if conn is not None:
+                _close_quietly(conn)
+        if drift:
+            logger.warning("pool %r: repaired its books: %s", self.name, "; ".join(drift))
+        if ghosts:
+            logger.warning(
+                "pool %r: removed %d waiter(s) whose borrower had left the line", self.name, ghosts
+            )
+        for state, _ in repaired:
+            logger.warning("pool %r: %s", self.name, _REPAIRED[state])
+
+    def _outstanding(self) -> int:
+        """Connections not idle: lent, being opened, checked or handed over."""
+        with self._lock:
+            return len(self._entries) - self._entries.counts[_IDLE]
+
     def _run_tasks(self) -> None:
         """Do what was queued for the background thread (without one: now)."""
         while True:
@@ -898,13 +939,16 @@ class ConnectionPool:
             self._run_task(task)
 
     def _run_task(self, task: Any) -> None:
-        if task is _FILL:
+        if task is FILL:
             self._fill()
-        elif task is not _STOP:
+        elif task is REPAIR:
+            self._repair()
+        elif task is not STOP:
             self._release_orphan(*task)
 
     def _release_orphan(self, conn: Any, cleanup: str | None) -> None:
-        if self._in_use.get(id(conn)) is None:
+        entry = self._entries.lent.get(id(conn))
+        if entry is None or entry.ref is None or conn is not entry.ref():
             return  # released meanwhile, or never ours
         logger.warning(
             "pool %r: took back a connection whose borrower ended without releasing it",
@@ -916,25 +960,31 @@ class ConnectionPool:
             logger.exception("pool %r: could not take back a connection", self.name)
 
     def _fill(self) -> None:
-        """Open connections until ``min_conns`` exist (see ``_connect_in_slot``)."""
+        """Open connections until ``min_conns`` exist, each in a slot of its own."""
         while True:
+            token = Waiter()  # owns the slot while connecting
             with self._lock:
-                total = len(self._idle) + len(self._in_use) + self._connecting
-                if self._closed or total >= self.min_conns:
+                if self._closed or len(self._entries) >= self.min_conns:
                     return
-                self._connecting += 1
+                entry = Entry(self._clock(), weakref.ref(token, self._on_lost))
+                self._entries.add(entry)
             try:
-                conn = self._connect_in_slot()
+                conn = self._connect_in(entry)
             except Exception:
                 return  # logged; the next maintenance run tries again
-            entry = self._entry_for(conn)
+            try:
+                now = self._clock()
+                entry.attach(conn, now, self.max_lifetime, self._on_lost)
+            except BaseException:
+                _close_quietly(conn)
+                raise
             with self._lock:
-                closed = self._opened()
-                if not closed:
-                    self._in_use[id(conn)] = entry  # _hand_over expects it there
-                    if not self._hand_over(entry):
-                        del self._in_use[id(conn)]
-                        self._idle.insert(0, entry)
+                self._opened()
+                closed = self._closed or entry.state is not _OPENING
+                if closed:
+                    self._entries.remove(entry)
+                else:
+                    self._hand_on(entry, conn, now, bottom=True)
             if closed:
                 _close_quietly(conn)
                 return
@@ -944,7 +994,7 @@ class ConnectionPool:
             if self._worker is not None or self._closed:
                 return
             thread = threading.Thread(
-                target=_work,
+                target=work,
                 args=(weakref.ref(self), self._tasks, self._maintenance_interval()),
                 name=f"herokupool-{self.name}",
                 daemon=True,
@@ -966,12 +1016,14 @@ class ConnectionPool:
 
     def _after_fork_in_child(self) -> None:
         """Forget everything inherited from the parent, closing nothing."""
-        _inherited.extend(entry.conn for entry in self._idle)
-        _inherited.extend(entry.conn for entry in self._in_use.values())
+        for entry in self._entries.all:
+            conn = entry.conn if entry.conn is not None else entry.ref() if entry.ref else None
+            if conn is not None:
+                _inherited.append(conn)
         for conn in _inherited:
             _detach_socket(conn)
         closed = self._closed
-        self._init_state()  # new lock, counters and queues; no background thread yet
+        self._init_state()  # new lock, entries and queues; no background thread yet
         self._closed = closed
 
     # ------------------------------------------------------------------ stats
@@ -979,13 +1031,17 @@ class ConnectionPool:
     def stats(self) -> dict[str, int | float]:
         """A snapshot of the pool's measures and counters (see the module constants)."""
         with self._lock:
+            entries = self._entries
+            counts = entries.counts
             stats: dict[str, int | float] = {
                 POOL_MAX: self.max_conns,
                 POOL_MIN: self.min_conns,
-                IN_USE: len(self._in_use),
-                IDLE: len(self._idle),
-                WAITING: len(self._waiters),
-                CONNECTING: self._connecting,
+                IN_USE: counts[_LENT],
+                IDLE: counts[_IDLE],
+                WAITING: len(self._line),
+                CONNECTING: counts[_OPENING],
+                BORROWS: entries.borrows,
+                RELEASES: entries.releases,
                 **self._counters,
                 WAIT_TIME: round(self._wait_time, 6),
             }
@@ -993,6 +1049,15 @@ class ConnectionPool:
         stats.update(self._window.snapshot(self._clock()))
         return stats
 
+
+_REPAIRED = {
+    State.OPENING: "freed a slot held for a connection its borrower stopped opening",
+    State.RESERVED: "discarded a connection a borrower left half-checked",
+    State.HANDED: "took back a connection handed to a borrower that left before taking it up",
+    State.LENT: "a borrower lost a connection without releasing it (freed, so closed): "
+    "its slot is free again",
+    State.IDLE: "",
+}
 
 _STATUS_NAMES = {
     ext.TRANSACTION_STATUS_ACTIVE: "ACTIVE",
@@ -1006,54 +1071,12 @@ _live_pools: weakref.WeakSet[ConnectionPool] = weakref.WeakSet()
 _inherited: list[Any] = []
 
 
-def _work(
-    ref: weakref.ReferenceType[ConnectionPool], tasks: queue.SimpleQueue[Any], interval: float
-) -> None:
-    """The pool's background thread: queued work at once, maintenance every ``interval``.
-
-    Holds only a weak reference between runs, so an abandoned pool can be collected.
-    Starts with a maintenance run, which opens ``min_conns`` right away.
-    """
-    due = time.monotonic()
-    while True:
-        try:
-            task = tasks.get(timeout=max(due - time.monotonic(), 0.0))
-        except queue.Empty:
-            task = None
-        if task is _STOP:
-            return
-        pool = ref()
-        if pool is None:
-            return
-        try:
-            if task is None:
-                pool.run_maintenance()
-                due = time.monotonic() + interval
-            else:
-                pool._run_task(task)
-        except Exception:
-            logger.exception("pool %r: background work failed", pool.name)
-        del pool
-
-
 def _after_fork_in_child() -> None:
     for pool in list(_live_pools):
         pool._after_fork_in_child()
 
 
 _fork.in_child(_fork.POOLS, "pools", _after_fork_in_child)
-
-
-def _poller(conn: Any) -> select.poll | None:
-    """A poll object on the connection's socket, made once per connection: each check
-    is then one zero-timeout poll() call.  None when there is no socket to watch (the
-    check then falls back to a validation query)."""
-    try:
-        poller = select.poll()
-        poller.register(conn.fileno(), select.POLLIN)
-    except Exception:
-        return None
-    return poller
 
 
 _devnull: int | None = None
@@ -1074,6 +1097,15 @@ def _detach_socket(conn: Any) -> None:
             os.dup2(_devnull, fd)
     except Exception:
         pass
+
+
+def _forget_messages(conn: Any) -> None:
+    """Drop the notifications and notices a borrower left unread: the next one must not
+    see them, and nothing may grow without bound on a pooled connection."""
+    if conn.notifies:
+        conn.notifies.clear()
+    if conn.notices:
+        conn.notices.clear()
 
 
 def _close_quietly(conn: Any) -> None:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from typing import Final
+from typing import Any, Final
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -125,12 +125,19 @@ class PoolCollector(Collector):
     def _families(self, all_stats: Mapping[str, Mapping[str, int | float]]) -> Iterator[Metric]:
         dyno = os.environ.get("DYNO", "")
         pid = str(os.getpid())
-        for key, name, documentation in GAUGES:
-            gauge = GaugeMetricFamily(name, documentation, labels=LABELS)
-            for alias, stats in all_stats.items():
-                if key in stats:
-                    gauge.add_metric([alias, dyno, pid], stats[key])
-            yield gauge
+        # Gauges and counters have the same shape: one family per stats key, one sample per
+        # alias.
+        kinds: tuple[tuple[Any, tuple[tuple[str, str, str], ...]], ...] = (
+            (GaugeMetricFamily, GAUGES),
+            (CounterMetricFamily, COUNTERS),
+        )
+        for kind, specs in kinds:
+            for key, name, documentation in specs:
+                family = kind(name, documentation, labels=LABELS)
+                for alias, stats in all_stats.items():
+                    if key in stats:
+                        family.add_metric([alias, dyno, pid], stats[key])
+                yield family
         waits = GaugeMetricFamily(
             WAIT_QUANTILES,
             f"Borrow wait percentiles over the last {metrics.WINDOW:g} s (1 = the longest).",
@@ -141,12 +148,6 @@ class PoolCollector(Collector):
                 if key in stats:
                     waits.add_metric([alias, dyno, pid, quantile], stats[key])
         yield waits
-        for key, name, documentation in COUNTERS:
-            counter = CounterMetricFamily(name, documentation, labels=LABELS)
-            for alias, stats in all_stats.items():
-                if key in stats:
-                    counter.add_metric([alias, dyno, pid], stats[key])
-            yield counter
 
 
 class MultiprocessPublisher:

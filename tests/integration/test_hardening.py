@@ -17,13 +17,14 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import select
 import signal
+import socket
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from types import FrameType
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -40,6 +41,7 @@ from django.db import (
 import herokupool
 from devtools.relay import TcpRelay
 from herokupool.pool import ConnectionPool
+from tests.helpers import Interrupted, interrupting, wait_until
 from tests.integration.conftest import (
     MakeCluster,
     MakeWrapper,
@@ -58,22 +60,9 @@ SLACK = 2.0
 CONNECT_TIMEOUT = 2.0
 
 
-class Interrupted(BaseException):
-    """What a signal handler raises in the tests: not an Exception, like KeyboardInterrupt."""
-
-
 def counters_exact(stats: dict[str, Any]) -> None:
     assert stats["borrows"] == stats["releases"] + stats["in_use"], stats
     assert stats["waiting"] == 0, stats
-
-
-def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def run(wrapper: Any, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
@@ -345,29 +334,13 @@ def test_a_stale_cursor_closed_after_release_does_not_touch_the_next_borrowers_s
 # --------------------------------------------------------- item 3: interruptions
 
 
-@contextlib.contextmanager
-def alarm(seconds: float) -> Iterator[None]:
-    """Raise Interrupted in the main thread after ``seconds`` (signal.setitimer)."""
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise Interrupted(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGALRM, handler)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 def test_a_signal_while_queued_for_a_connection_loses_no_slot(make_wrapper: MakeWrapper) -> None:
     options = {"MAX_CONNS": 1, "TIMEOUT": 3}
     holder = make_wrapper(**options)
     pid = backend_pid(holder)
     queued = make_wrapper(**options)
     started = time.monotonic()
-    with pytest.raises(Interrupted), alarm(0.3):
+    with pytest.raises(Interrupted), interrupting(0.3):
         queued.ensure_connection()
     assert time.monotonic() - started < 3, "the signal ended the wait, not TIMEOUT"
     holder.close()  # must go to the pool, not to the borrower that gave up
@@ -399,7 +372,7 @@ def test_a_signal_while_validating_on_a_frozen_backend_loses_no_slot(
     borrower = make_wrapper(url=url, **options)
     started = time.monotonic()
     try:
-        with pytest.raises(Interrupted), alarm(0.5):
+        with pytest.raises(Interrupted), interrupting(0.5):
             borrower.ensure_connection()
         took = time.monotonic() - started
     finally:
@@ -804,3 +777,156 @@ def test_pool_connection_context_manager_against_a_real_server(dsn: str, table: 
         counters_exact(pool.stats())
     finally:
         pool.close()
+
+
+# ------------------------------------------------------------ issue 16: after close_pools()
+
+
+def test_a_thread_ending_with_a_connection_after_close_pools_closes_it_at_once(
+    django_alias: Callable[..., str], admin: Any, app_name: str
+) -> None:
+    alias = django_alias(MAX_CONNS=1, TIMEOUT=1)
+    holding = threading.Event()
+    finish = threading.Event()
+    pids: list[int] = []
+
+    def worker() -> None:
+        pids.append(backend_pid(connections[alias]))  # and never closes it
+        holding.set()
+        finish.wait(5)
+
+    gc.disable()  # the session must end without any garbage collection
+    try:
+        thread = threading.Thread(target=worker)
+        thread.start()
+        assert holding.wait(5)
+        herokupool.close_pools()  # gunicorn's worker_exit, a test database being dropped
+        finish.set()
+        thread.join(5)
+        assert wait_until(lambda: pids[0] not in pids_of(admin, app_name), 2), (
+            "the session outlived its thread: nobody closed it"
+        )
+    finally:
+        gc.enable()
+
+
+# ------------------------------------------------- issue 16: a readable socket is not dead
+
+
+def test_an_idle_connection_with_pending_notifications_is_neither_swept_nor_grows(
+    dsn: str, admin: Any, app_name: str
+) -> None:
+    def connect() -> Any:
+        conn = psycopg2.connect(dsn, application_name=app_name)
+        conn.autocommit = True
+        return conn
+
+    channel = f"hp_{uuid.uuid4().hex[:8]}"
+    notifier = psycopg2.connect(dsn)  # NOTIFY reaches listeners of the same database
+    notifier.autocommit = True
+    pool = ConnectionPool(connect, name="notify", max_conns=2, timeout=2, background=False)
+    try:
+        listener, other = pool.borrow(), pool.borrow()
+        with listener.cursor() as cursor:
+            cursor.execute(f"LISTEN {channel}")
+            cursor.execute("SELECT pg_backend_pid()")
+            pid = cursor.fetchone()[0]
+        pool.release(other)
+        pool.release(listener)  # on top of the idle stack, still listening
+        with notifier.cursor() as cursor:
+            for n in range(200):
+                cursor.execute(f"NOTIFY {channel}, '{n}'")
+        # The listener's socket is readable now.  Maintenance sweeps idle sockets.
+        assert wait_until(lambda: bool(select.select([listener], [], [], 0)[0]), 2)
+        pool.run_maintenance()
+        stats = pool.stats()
+        assert (stats["connections_lost"], stats["idle"]) == (0, 2), stats
+        assert pid in pids_of(admin, app_name), "a live session was closed as dead"
+        with notifier.cursor() as cursor:
+            cursor.execute(f"NOTIFY {channel}, 'more'")
+        assert wait_until(lambda: bool(select.select([listener], [], [], 0)[0]), 2)
+        both = [pool.borrow(), pool.borrow()]
+        assert any(conn is listener for conn in both)
+        with listener.cursor() as cursor:
+            cursor.execute("SELECT pg_backend_pid()")
+            assert cursor.fetchone()[0] == pid
+        # What arrived while idle is not handed to the borrower (a notification sent while
+        # the borrow checked the connection may still be read along with its query).
+        assert len(listener.notifies) <= 1, listener.notifies
+        for conn in both:
+            pool.release(conn)
+        assert pool.stats()["connections_lost"] == 0
+    finally:
+        pool.close()
+        notifier.close()
+
+
+# ------------------------------------------- issue 16: deadlines act only on what they armed
+
+
+@pytest.mark.slow
+def test_a_deadline_racing_a_dropped_connection_never_cuts_an_unrelated_socket(
+    dsn: str,
+) -> None:
+    """The relay closes the validation's connection within about 1 ms of its deadline while
+    another thread opens and holds sockets: none of those may ever be shut down, and a
+    validation that the server leaves unanswered is still cut."""
+    parts = urlsplit(dsn)
+    stop = threading.Event()
+    victims: list[str] = []
+
+    def bystander() -> None:
+        # Sockets that may get the descriptor number libpq just closed; each must stay usable.
+        while not stop.is_set():
+            a, b = socket.socketpair()
+            try:
+                time.sleep(0.0005)
+                a.sendall(b"x")
+                if b.recv(1) != b"x":
+                    victims.append("no data")
+            except OSError as error:
+                victims.append(repr(error))
+            finally:
+                a.close()
+                b.close()
+
+    threads = [threading.Thread(target=bystander) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    cuts = 0
+    try:
+        for trial in range(40):
+            with TcpRelay(parts.hostname or "127.0.0.1", parts.port or 5432) as relay:
+                url = urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{relay.port}"))
+
+                def connect(url: str = url) -> Any:
+                    conn = psycopg2.connect(url)
+                    conn.autocommit = True
+                    return conn
+
+                pool = ConnectionPool(
+                    connect,
+                    name="race",
+                    max_conns=1,
+                    timeout=0.1,
+                    test_on_borrow=True,
+                    background=False,
+                )
+                try:
+                    pool.release(pool.borrow())
+                    relay.pause()  # the validation gets no answer: its deadline (0.1 s) fires
+                    offset = (trial % 5 - 2) * 0.0005  # -1 ms .. +1 ms around the deadline
+                    closer = threading.Timer(0.1 + offset, relay.close)
+                    closer.start()
+                    with contextlib.suppress(psycopg2.Error):
+                        pool.release(pool.borrow(timeout=0.1))
+                    closer.join()
+                    cuts += pool.stats()["connections_lost"] > 0
+                finally:
+                    pool.close()
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert victims == [], victims[:5]
+    assert cuts == 40, "every unanswered validation ends, by the deadline or the close"

@@ -6,6 +6,7 @@ import itertools
 import select
 import socket
 import threading
+import weakref
 from typing import Any, ClassVar
 
 import psycopg2
@@ -63,7 +64,9 @@ class FakeConnection:
     """
 
     _ids = itertools.count(1)
-    instances: ClassVar[list[FakeConnection]] = []
+    # Weak: a test may drop every reference to a connection (a borrower that lost it); its
+    # sockets are then closed as psycopg2's deallocation closes a connection's.
+    instances: ClassVar[weakref.WeakSet[FakeConnection]] = weakref.WeakSet()
 
     def __init__(self) -> None:
         self.id = next(self._ids)
@@ -78,8 +81,11 @@ class FakeConnection:
         self.server_gone = False
         self.hang = False
         self.interrupt: BaseException | None = None
+        self.notifies: list[object] = []
+        self.notices: list[str] = []
         self._client, self._server = socket.socketpair()
-        FakeConnection.instances.append(self)
+        weakref.finalize(self, _close_both, self._client, self._server)
+        FakeConnection.instances.add(self)
 
     def __repr__(self) -> str:
         return f"<FakeConnection {self.id}>"
@@ -106,6 +112,26 @@ class FakeConnection:
         if self.autocommit:
             return  # as psycopg2: in autocommit it sends nothing, whatever the server's state
         self.status = ext.TRANSACTION_STATUS_IDLE
+
+    def poll(self) -> int:
+        """As psycopg2's: read what the server sent (here: notifications); raise when the
+        server closed the connection."""
+        if self.closed:
+            raise psycopg2.InterfaceError("connection already closed")
+        if self.server_gone:
+            self.closed = 2
+            raise psycopg2.OperationalError("server closed the connection unexpectedly")
+        while select.select([self._client], [], [], 0)[0]:
+            data = self._client.recv(4096)
+            if not data:
+                self.closed = 2
+                raise psycopg2.OperationalError("server closed the connection unexpectedly")
+            self.notifies.extend(data.split())
+        return ext.POLL_OK
+
+    def notify(self, payload: bytes = b"hello") -> None:
+        """The server sends a notification while the connection sits idle."""
+        self._server.send(payload + b" ")
 
     def wait_for_server(self) -> None:
         """Block as libpq does on a silent server: until the socket is shut down."""
@@ -136,11 +162,22 @@ class FakeConnection:
         self.status = ext.TRANSACTION_STATUS_INTRANS
 
 
-class FakeDriver:
-    """A connect() callable that records what it opened and can be made to fail."""
+def _close_both(client: socket.socket, server: socket.socket) -> None:
+    client.close()
+    server.close()
 
-    def __init__(self) -> None:
+
+class FakeDriver:
+    """A connect() callable that records what it opened and can be made to fail.
+
+    ``opened`` keeps every connection alive; with ``keep=False`` it holds them weakly, so a
+    connection nobody else references is collected at once (psycopg2 then closes it)."""
+
+    def __init__(self, *, keep: bool = True) -> None:
+        self.keep = keep
         self.opened: list[FakeConnection] = []
+        self.all: weakref.WeakSet[FakeConnection] = weakref.WeakSet()
+        self.count = 0
         self.fail_with: BaseException | None = None
         self.lock = threading.Lock()
 
@@ -149,9 +186,13 @@ class FakeDriver:
             raise self.fail_with
         conn = FakeConnection()
         with self.lock:
-            self.opened.append(conn)
+            self.count += 1
+            self.all.add(conn)
+            if self.keep:
+                self.opened.append(conn)
         return conn
 
     @property
     def open_count(self) -> int:
-        return sum(1 for conn in self.opened if not conn.closed)
+        """Connections opened and neither closed nor collected."""
+        return sum(1 for conn in list(self.all) if not conn.closed)

@@ -3,6 +3,7 @@ deadline passes, and never one whose deadline was disarmed in time."""
 
 from __future__ import annotations
 
+import os
 import select
 import socket
 import time
@@ -67,3 +68,46 @@ def test_the_earliest_deadline_fires_first_whatever_the_order_of_arming() -> Non
     finally:
         for sock in (late_client, late_server, early_client, early_server):
             sock.close()
+
+
+def test_a_deadline_never_cuts_a_socket_that_reused_the_descriptor() -> None:
+    # libpq closes its socket when the server drops the connection; another socket may then get
+    # the same descriptor number before the pool disarms the deadline.
+    client, server = socket.socketpair()
+    limit = Deadline(client.fileno(), 0.05)
+    limit.__enter__()
+    number = client.fileno()
+    client.close()
+    server.close()
+    other, peer = socket.socketpair()
+    try:
+        if other.fileno() != number:  # make sure the number is reused, as it would be
+            os.dup2(other.fileno(), number)
+            other.close()
+            other = socket.socket(fileno=number)
+        time.sleep(0.3)  # the deadline passes while the number belongs to ``other``
+        limit.disarm()
+        other.sendall(b"x")
+        assert peer.recv(1) == b"x", "the unrelated socket still carries data"
+        peer.sendall(b"y")
+        assert other.recv(1) == b"y"
+    finally:
+        limit.disarm()
+        other.close()
+        peer.close()
+
+
+def test_disarming_leaves_no_descriptor_behind() -> None:
+    client, server = socket.socketpair()
+    try:
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(50):
+            with Deadline(client.fileno(), 5):
+                pass
+        with Deadline(client.fileno(), 0.01) as limit:
+            time.sleep(0.2)
+        assert limit.expired
+        assert len(os.listdir("/proc/self/fd")) == before
+    finally:
+        client.close()
+        server.close()

@@ -28,8 +28,9 @@ from herokupool.metrics import (
     remove_publisher,
 )
 from herokupool.options import parse_options
+from tests.helpers import wait_until
 from tests.unit.fakes import FakeClock
-from tests.unit.test_pool import make_pool, wait_until
+from tests.unit.test_pool import make_pool
 
 T0 = 1200.0  # a multiple of the slot width: slots start at T0
 
@@ -124,7 +125,7 @@ def test_the_pool_reports_a_wait_and_the_peaks() -> None:
     got: list[object] = []
     waiter = threading.Thread(target=lambda: got.append(pool.borrow()))
     waiter.start()
-    wait_until(lambda: pool.stats()["waiting"] == 1)
+    assert wait_until(lambda: pool.stats()["waiting"] == 1)
     time.sleep(0.02)
     pool.release(held)
     waiter.join()
@@ -157,7 +158,7 @@ def test_max_waiting_refuses_at_once_when_that_many_wait() -> None:
     served: list[object] = []
     waiter = threading.Thread(target=lambda: served.append(pool.borrow()))
     waiter.start()
-    wait_until(lambda: pool.stats()["waiting"] == 1)
+    assert wait_until(lambda: pool.stats()["waiting"] == 1)
     started = time.monotonic()
     with pytest.raises(PoolOverloaded) as refused:
         pool.borrow()

@@ -15,6 +15,7 @@ from psycopg2 import extensions as ext
 
 from herokupool.errors import PoolClosed, PoolError, PoolTimeout
 from herokupool.pool import ConnectionPool
+from tests.helpers import wait_until
 from tests.unit.fakes import FakeClock, FakeConnection, FakeDriver
 
 
@@ -22,14 +23,6 @@ def make_pool(driver: FakeDriver | None = None, **kwargs: object) -> ConnectionP
     kwargs.setdefault("background", False)
     kwargs.setdefault("validate_after", None)
     return ConnectionPool(driver or FakeDriver(), **kwargs)  # type: ignore[arg-type]
-
-
-def wait_until(predicate, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        time.sleep(0.001)
 
 
 # ---------------------------------------------------------------- sizing and reuse
@@ -172,7 +165,7 @@ def test_waiters_are_served_in_arrival_order() -> None:
     for n in range(6):
         thread = threading.Thread(target=borrower, args=(n,))
         thread.start()
-        wait_until(lambda n=n: pool.stats()["waiting"] == n + 1)
+        assert wait_until(lambda n=n: pool.stats()["waiting"] == n + 1)
         threads.append(thread)
     pool.release(held)
     for thread in threads:
@@ -186,7 +179,7 @@ def test_a_releasing_thread_cannot_jump_the_queue() -> None:
     got: list[object] = []
     thread = threading.Thread(target=lambda: got.append(pool.borrow()))
     thread.start()
-    wait_until(lambda: pool.stats()["waiting"] == 1)
+    assert wait_until(lambda: pool.stats()["waiting"] == 1)
     pool.release(conn)
     # The connection went to the waiter: borrowing again right away must wait.
     with pytest.raises(PoolTimeout):
@@ -328,7 +321,7 @@ def test_closing_wakes_waiters_with_pool_closed() -> None:
 
     thread = threading.Thread(target=waiter)
     thread.start()
-    wait_until(lambda: pool.stats()["waiting"] == 1)
+    assert wait_until(lambda: pool.stats()["waiting"] == 1)
     pool.close()
     thread.join()
     assert len(errors) == 1
@@ -397,7 +390,7 @@ def test_background_thread_prefills_min_conns() -> None:
     driver = FakeDriver()
     pool = ConnectionPool(driver, max_conns=4, min_conns=2, max_idle=0.2)
     try:
-        wait_until(lambda: pool.stats()["idle"] == 2)
+        assert wait_until(lambda: pool.stats()["idle"] == 2)
     finally:
         pool.close()
 
@@ -486,7 +479,7 @@ def test_connect_failure_reaches_the_borrower_and_frees_the_slot_for_a_waiter() 
 
     thread = threading.Thread(target=waiter)
     thread.start()
-    wait_until(lambda: pool.stats()["waiting"] == 1)
+    assert wait_until(lambda: pool.stats()["waiting"] == 1)
     driver.fail_with = psycopg2.OperationalError("connection refused")
     pool.discard(held)  # frees the slot: the waiter connects, and fails at once
     thread.join(timeout=5)

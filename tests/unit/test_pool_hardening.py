@@ -9,24 +9,20 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import random
-import signal
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg2
 import pytest
 from psycopg2 import extensions as ext
 
+from herokupool._waiting import Waiter
 from herokupool.errors import PoolClosed, PoolTimeout
-from herokupool.pool import ConnectionPool, _Waiter
+from herokupool.pool import ConnectionPool
+from tests.helpers import Interrupted, interrupting, wait_until
 from tests.unit.fakes import FakeClock, FakeConnection, FakeDriver
-from tests.unit.test_pool import make_pool, wait_until
-
-
-class Interrupted(BaseException):
-    """What a signal handler, gevent.Timeout or KeyboardInterrupt looks like to the pool."""
+from tests.unit.test_pool import make_pool
 
 
 def assert_exact(pool: ConnectionPool) -> dict[str, int | float]:
@@ -34,22 +30,6 @@ def assert_exact(pool: ConnectionPool) -> dict[str, int | float]:
     assert stats["borrows"] == stats["releases"] + stats["in_use"], stats
     assert stats["in_use"] + stats["idle"] + stats["connecting"] <= stats["max"], stats
     return stats
-
-
-@contextlib.contextmanager
-def alarm(seconds: float) -> Iterator[None]:
-    """Raise ``Interrupted`` from a signal handler in the main thread after ``seconds``."""
-
-    def handler(signum: int, frame: Any) -> None:
-        raise Interrupted
-
-    previous = signal.signal(signal.SIGALRM, handler)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 # ------------------------------------------------------- interruptions lose nothing
@@ -61,7 +41,7 @@ def test_a_borrower_interrupted_while_queued_leaves_the_line() -> None:
     thread = threading.Thread(target=lambda: held_by_other_thread.append(pool.borrow()))
     thread.start()
     thread.join()
-    with pytest.raises(Interrupted), alarm(0.05):
+    with pytest.raises(Interrupted), interrupting(0.05):
         pool.borrow()
     assert pool.stats()["waiting"] == 0
     pool.release(held_by_other_thread[0])
@@ -73,13 +53,13 @@ def test_a_borrower_interrupted_while_queued_leaves_the_line() -> None:
 def interrupt_after_waiting(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make every queued borrower get an interruption right after it was woken: the
     serve wins the race, then the interruption lands before the waiter looks."""
-    original_wait = _Waiter.wait
+    original_wait = Waiter.wait
 
-    def wait_then_interrupt(self: _Waiter, timeout: float) -> None:
+    def wait_then_interrupt(self: Waiter, timeout: float) -> None:
         original_wait(self, timeout)
         raise Interrupted
 
-    monkeypatch.setattr(_Waiter, "wait", wait_then_interrupt)
+    monkeypatch.setattr(Waiter, "wait", wait_then_interrupt)
 
 
 def borrow_in_thread(pool: ConnectionPool) -> tuple[threading.Thread, list[BaseException]]:
@@ -94,7 +74,7 @@ def borrow_in_thread(pool: ConnectionPool) -> tuple[threading.Thread, list[BaseE
 
     thread = threading.Thread(target=borrower)
     thread.start()
-    wait_until(lambda: pool.stats()["waiting"] == 1)
+    assert wait_until(lambda: pool.stats()["waiting"] == 1)
     return thread, errors
 
 
@@ -296,7 +276,7 @@ def test_release_later_is_served_promptly_by_the_background_thread() -> None:
     pool = make_pool(max_conns=1, background=True)
     conn = pool.borrow()
     pool.release_later(conn)
-    wait_until(lambda: pool.stats()["idle"] == 1, timeout=2)
+    assert wait_until(lambda: pool.stats()["idle"] == 1, timeout=2)
     assert_exact(pool)
     pool.close()
 
@@ -315,10 +295,10 @@ def test_min_conns_are_opened_at_creation_and_refilled_promptly() -> None:
     driver = FakeDriver()
     pool = make_pool(driver, min_conns=2, max_conns=3, background=True)
     # The maintenance interval is 30 s for these settings: this must not wait for it.
-    wait_until(lambda: pool.stats()["idle"] == 2, timeout=2)
+    assert wait_until(lambda: pool.stats()["idle"] == 2, timeout=2)
     conn = pool.borrow()
     pool.discard(conn)
-    wait_until(lambda: len(driver.opened) == 3 and pool.stats()["idle"] == 2, timeout=2)
+    assert wait_until(lambda: len(driver.opened) == 3 and pool.stats()["idle"] == 2, timeout=2)
     pool.close()
 
 
@@ -348,10 +328,10 @@ def test_a_waiter_handed_a_dead_connection_keeps_its_turn() -> None:
 
     first = threading.Thread(target=borrower, args=("first",))
     first.start()
-    wait_until(lambda: pool.stats()["waiting"] == 1)
+    assert wait_until(lambda: pool.stats()["waiting"] == 1)
     second = threading.Thread(target=borrower, args=("second",))
     second.start()
-    wait_until(lambda: pool.stats()["waiting"] == 2)
+    assert wait_until(lambda: pool.stats()["waiting"] == 2)
     held.kill()  # dies on its way back: the first waiter finds it dead
     pool.release(held)
     first.join(timeout=5)
@@ -382,16 +362,24 @@ def test_an_expired_connection_is_replaced_in_the_same_turn() -> None:
 # --------------------------------------------------------------------- messages
 
 
-def test_the_timeout_message_points_at_an_executor_thread_holding_a_connection() -> None:
-    pool = make_pool(max_conns=1, timeout=0.05)
+def test_the_timeout_message_names_the_thread_holding_a_connection_and_the_callers_hint() -> None:
+    seen: list[int] = []
+
+    def describe_holder(ident: int) -> str:
+        seen.append(ident)
+        return "a hint from the caller"
+
+    pool = make_pool(max_conns=1, timeout=0.05, describe_holder=describe_holder)
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as executor:
+        holder = executor.submit(threading.get_ident).result()
         executor.submit(pool.borrow).result()  # the thread lives on; nobody releases
         with pytest.raises(PoolTimeout) as info:
             pool.borrow()
     message = str(info.value)
     assert "held longest:" in message
     assert "by thread 'ThreadPoolExecutor-" in message
-    assert "close_old_connections()" in message
+    assert message.endswith("(a hint from the caller)")
+    assert seen == [holder]
 
 
 def test_connection_context_manager_releases_however_the_block_ends() -> None:

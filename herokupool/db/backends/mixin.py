@@ -296,7 +296,11 @@ class PooledDatabaseWrapperMixin(_Base):
         # with_ssl_hint: a server without SSL says herokupool required it because of DYNO.
         connect = with_ssl_hint(lambda: _open(params), self.settings_dict)
         return ConnectionPool(
-            connect, name=self.alias, prepare_release=tracked.prepare_release, **kwargs
+            connect,
+            name=self.alias,
+            prepare_release=tracked.prepare_release,
+            describe_holder=_executor_hint,
+            **kwargs,
         )
 
     def _close(self) -> None:
@@ -363,6 +367,24 @@ class PooledDatabaseWrapperMixin(_Base):
             finally:
                 self._herokupool_unusable = False
         self.health_check_done = True
+
+
+# Thread names of executors whose threads never end, so never give back a connection they
+# did not close: concurrent.futures' default and asyncio's default executor (which asgiref's
+# sync_to_async(thread_sensitive=False) uses).
+_EXECUTOR_THREAD_PREFIXES = ("ThreadPoolExecutor", "asyncio_")
+
+
+def _executor_hint(ident: int) -> str | None:
+    """The pool's timeout message hint for a connection held by an executor's thread."""
+    name = next((t.name for t in threading.enumerate() if t.ident == ident), None)
+    if name is None or not name.startswith(_EXECUTOR_THREAD_PREFIXES):
+        return None
+    return (
+        "an executor's threads never end, so a connection they do not close stays borrowed: "
+        "call close_old_connections() in them, e.g. around sync_to_async(thread_sensitive=False) "
+        "work"
+    )
 
 
 class _Loan:
