@@ -897,7 +897,7 @@ def test_a_deadline_racing_a_dropped_connection_never_cuts_an_unrelated_socket(
     try:
         for trial in range(40):
             with TcpRelay(parts.hostname or "127.0.0.1", parts.port or 5432) as relay:
-                url = urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{relay.port}"))
+                url = through(relay, dsn)
 
                 def connect(url: str = url) -> Any:
                     conn = psycopg2.connect(url)
