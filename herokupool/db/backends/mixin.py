@@ -326,13 +326,13 @@ class PooledDatabaseWrapperMixin(_Base):
         except IndexError:
             return  # taken back meanwhile
         except BaseException:
-            # Interrupted (a signal handler's exception; Python delivers it at a call, so
-            # ``taken`` is set once the pop returned): the connection is out of the loan, so
-            # it goes back now or it stays lent for as long as a cursor of the loan (kept
-            # alive by the exception's traceback) refers to it.  Some of its cursors may
-            # still be live, so it is closed, never lent again.
+            # Interrupted (a signal handler's exception; Python delivers it as a call
+            # returns, so ``taken`` is set once the pop returned): the connection goes back
+            # into the loan, whose next borrow, close() or thread end gives it back (a
+            # release that closes it if its cursors did not all end).  An append, not a
+            # call into the pool: a C call cannot be interrupted before it has acted.
             if taken is not None:
-                taken[0].discard(taken[1])
+                loan.held.append(taken)
             raise
         pool, conn = taken
         with self.wrap_database_errors:
@@ -342,13 +342,15 @@ class PooledDatabaseWrapperMixin(_Base):
                 pool.release(conn)
 
     def close(self) -> None:
-        super().close()
-        loan = self._herokupool_loan
-        if loan is not None and loan.held and self.connection is None:
-            # Django's close() returns at once when the wrapper holds no connection; one
-            # its loan still records was left by an interrupted close() or connect():
-            # give it back now, not at the next borrow or the thread's end.
-            _give_back_orphans(loan)
+        try:
+            super().close()
+        finally:
+            loan = self._herokupool_loan
+            if loan is not None and loan.held and self.connection is None:
+                # Django's close() returns at once when the wrapper holds no connection;
+                # one its loan still records was left by an interrupted close() or
+                # connect(): give it back now, not at the next borrow or the thread's end.
+                _give_back_orphans(loan)
 
     def close_pool(self) -> None:
         """Close every pool of this alias in this process.
