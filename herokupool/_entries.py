@@ -182,7 +182,8 @@ class Entries:
     def give_back(self, entry: Entry, conn: Any, now: float) -> None:
         """A lent ``entry`` comes back clean: IDLE, on top of the stack (:meth:`shelve` for
         the fast path, inlined)."""
-        self.lent.pop(entry.key, None)
+        if self.lent.get(entry.key) is entry:
+            del self.lent[entry.key]
         counts = self.counts
         counts[State.LENT] -= 1
         counts[State.IDLE] += 1
@@ -255,7 +256,14 @@ class Entries:
         if missing or len(idle) != len(self.idle):
             found.append("idle stack rebuilt")
             self.idle = missing + idle
-        lent = {e.key: e for e in self.all if e.state is State.LENT}
+        # Keyed by id(conn): a lent entry whose connection was freed (stranded, for the
+        # repair to remove) may share its key with a live connection that reused the id;
+        # the index must point at the live one.
+        lent = {
+            e.key: e
+            for e in self.all
+            if e.state is State.LENT and e.ref is not None and e.ref() is not None
+        }
         if lent.keys() != self.lent.keys() or any(self.lent[k] is not e for k, e in lent.items()):
             found.append("lent index rebuilt")
             self.lent = lent

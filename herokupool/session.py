@@ -121,11 +121,14 @@ _KEYWORDS: Final = (
     "--",
 )
 
-_SPACE = r"(?:\s+|/\*.*?\*/|--[^\n]*(?:\n|$))"
+_SPACE = r"(?:\s|/\*.*?\*/|--[^\n]*(?:\n|$))"
 # One statement's leading keywords: after the start of the text or a semicolon, and any
-# whitespace and comments.
+# whitespace and comments.  The run of whitespace and comments is matched possessively
+# (``*+``), one character or comment at a time: a run that no keyword follows (an indented
+# line after a semicolon, in a trigger's body) is then given up at once instead of being
+# re-split in exponentially many ways.
 _STATEMENT = re.compile(
-    rf"(?:^|;){_SPACE}*("
+    rf"(?:^|;){_SPACE}*+("
     r"set\s+(?:session\s+)?(?:role|authorization|characteristics)\b"
     r"|set\s+local\b|set\s+transaction\b|set\s+constraints\b|set\b|reset\b|discard\b"
     r"|listen\b|prepare\s+transaction\b|prepare\b|declare\b|load\b"

@@ -23,6 +23,7 @@ from psycopg2 import extensions as ext
 
 import herokupool
 from herokupool import registry
+from tests.helpers import wait_until
 from tests.integration.conftest import MakeWrapper, backend_pid
 
 pytestmark = pytest.mark.integration
@@ -314,6 +315,10 @@ def test_a_close_interrupted_before_it_gave_the_connection_back_strands_nothing(
     wrapper.connection = None  # forgotten; still in the loan record
     assert herokupool.stats()[wrapper.alias]["in_use"] == 1
     assert request(wrapper) == first
+    wrapper.ensure_connection()
+    wrapper.connection = None  # the same state, then close(): Django's returns at once
+    wrapper.close()
+    assert wait_until(lambda: herokupool.stats()[wrapper.alias]["in_use"] == 0)
     stats = herokupool.stats()[wrapper.alias]
     assert (stats["in_use"], stats["timeouts"]) == (0, 0)
     assert stats["borrows"] == stats["releases"]

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import gc
+import logging
 import sys
 import threading
 import time
@@ -136,18 +138,35 @@ def test_a_storm_of_signal_exceptions_strands_nothing(
         main_errors[f"unraisable {type(unraisable.exc_value).__name__}"] += 1
 
     sys.unraisablehook = count_unraisable
+    # Logging is off during the storm. An exception raised by a signal handler between a
+    # logging handler's acquire() and its try block (CPython's logging.Handler.handle) leaves
+    # that handler's lock held for good, and every later log call in any thread of the process
+    # waits on it: the pool's own thread first. That is the standard library's hazard, not the
+    # pool's bookkeeping, which is what this test measures (README, Limitations).
+    logging.disable(logging.CRITICAL)
     try:
         with interrupting(0.001, every=(0.0002, 0.002), error=SoftTimeLimit, seed=seed) as storm:
             end = time.monotonic() + STORM_SECONDS
 
-            def borrow_and_release() -> None:
+            # Two functions, so that neither frame keeps the other's cursor in a local: an
+            # exception's traceback keeps its frames, and a cursor in them keeps its
+            # connection, which is then still referenced (lent to someone who may use it),
+            # not lost. The pool cannot take such a connection back, nor could Django's
+            # own backend close it, until that reference goes.
+            def through_django_once() -> None:
                 try:
                     with connections[storm_alias].cursor() as cursor:
                         cursor.execute("SELECT 1")
                 finally:
                     close_old_connections()
+
+            def through_the_pool_once() -> None:
                 with pool.connection() as conn, conn.cursor() as cursor:
                     cursor.execute("SELECT 1")
+
+            def borrow_and_release() -> None:
+                through_django_once()
+                through_the_pool_once()
 
             def storm_loop() -> None:
                 while time.monotonic() < end:
@@ -173,6 +192,7 @@ def test_a_storm_of_signal_exceptions_strands_nothing(
             connections[storm_alias].close()
     finally:
         sys.unraisablehook = previous_hook
+        logging.disable(logging.NOTSET)
         stop.set()
         for thread in others:
             thread.join(10)
@@ -180,6 +200,12 @@ def test_a_storm_of_signal_exceptions_strands_nothing(
         assert storm.raised > 200, storm
         django_pool = pool_of(storm_alias)
         figures = {"storm": storm.raised, "main_errors": dict(main_errors), **served}
+        # An exception raised in the middle of the clean-up of a loan may leave a cursor of it,
+        # and so its connection, alive in a reference cycle of the exception's traceback:
+        # lost to the borrower, not yet freed. CPython's cyclic collector frees such cycles
+        # (the pool then takes the slot back, as for any connection its borrower lost); the
+        # test runs it now rather than waiting for its next automatic run.
+        gc.collect()
         for each in (django_pool, pool):
             assert wait_until(lambda each=each: settled(each.stats()), SETTLE_SECONDS), (
                 each.name,

@@ -343,3 +343,31 @@ def test_counts_come_from_states_so_stats_match_the_connections() -> None:
     assert (stats["in_use"], stats["idle"], stats["releases"]) == (1, 1, 2)
     assert driver.open_count == 2
     pool.release(conns[2])
+
+
+@pytest.mark.parametrize("attempt", range(20))  # the set of entries iterates in any order
+def test_the_lent_index_follows_the_live_connection_when_a_lost_ones_id_is_reused(
+    attempt: int,
+) -> None:
+    """Found by the storm test: a lent connection its borrower dropped (a stranded entry,
+    waiting for the repair) and a new connection that got the same ``id()`` are both LENT
+    under one key. The audit must index the live one, or its release is refused as "not
+    borrowed from this pool"."""
+    from herokupool._entries import Entries, Entry
+    from tests.unit.fakes import FakeConnection
+
+    entries = Entries()
+    lost, live = FakeConnection(), FakeConnection()
+    stale, fresh = Entry(0.0, None), Entry(0.0, None)
+    for entry, conn in ((stale, lost), (fresh, live)):
+        entry.attach(conn, 0.0, None, lambda ref: None)
+        entries.add(entry)
+        entries.lend(entry, 0.0, 1)
+    del lost  # the borrower dropped it: the stale entry's weak reference is dead
+    gc.collect()
+    stale.key = fresh.key  # as when the new connection reused the freed one's id()
+    entries.lent = {fresh.key: stale}  # the index as an interleaving may leave it
+    assert entries.audit() == ["lent index rebuilt"]
+    assert entries.lent[fresh.key] is fresh
+    entries.give_back(fresh, live, 1.0)
+    assert fresh.key not in entries.lent

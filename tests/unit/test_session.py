@@ -6,6 +6,7 @@ import pytest
 
 from herokupool import session
 from herokupool.session import CURSOR, GUC, LISTEN, LOAD, LOCK, PREPARE, ROLE, ROLE_RESET, TEMP
+from tests.helpers import interrupting
 
 CHANGES = {
     # Settings, session-wide.
@@ -160,3 +161,24 @@ def test_statements_the_first_classifier_missed_are_recognised(sql: str, flags: 
 def test_role_resets_written_otherwise_say_so(sql: str) -> None:
     """An ``assume_role`` backend must assume its role again after these."""
     assert session.changes(sql) & ROLE_RESET
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        ";" + " " * 60 + "x",
+        " " * 60 + "SELECT temperature FROM weather",
+        ";" + "\n/* a comment */" * 60 + " x",
+        # What django-pgtrigger installs: a function body of indented lines after semicolons.
+        "CREATE OR REPLACE FUNCTION f() RETURNS TRIGGER AS $$ BEGIN"
+        + ";\n                    PERFORM 1" * 200
+        + "; END; $$ LANGUAGE plpgsql",
+    ],
+)
+def test_long_runs_of_whitespace_and_comments_are_read_in_linear_time(sql: str) -> None:
+    """Found by django-pgtrigger's, django-pghistory's and django-tenants' suites: a run of
+    spaces after a semicolon that no keyword follows made the statement pattern try every way
+    of splitting it (2**n; 26 spaces took 5 s). Guarded by an alarm, not timed: without the
+    fix this never ends."""
+    with interrupting(2.0):
+        assert session.changes(sql) == 0

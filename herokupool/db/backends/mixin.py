@@ -317,25 +317,40 @@ class PooledDatabaseWrapperMixin(_Base):
         # exception lands before the pop, the loan still holds the connection and the
         # thread's end, the wrapper's collection or its next borrow gives it back.
         self.connection = _CLOSED if self.in_atomic_block else None
+        taken = None
         try:
             # Atomic: the thread's end or the wrapper's collection may race for it.
-            pool, conn = loan.held.pop()
+            taken = loan.held.pop()
+            # The loan's cursors end before the connection can reach anyone else.
+            _end_loan(taken[1])
         except IndexError:
             return  # taken back meanwhile
-        try:
-            # The loan's cursors end before the connection can reach anyone else.
-            _end_loan(conn)
         except BaseException:
-            # Interrupted (a signal handler's exception): the connection is out of the
-            # loan already, so it goes back now or its slot is lost for good; some of its
-            # cursors may still be live, so it is closed, never lent again.
-            pool.discard(conn)
+            # Interrupted (a signal handler's exception; Python delivers it as a call
+            # returns, so ``taken`` is set once the pop returned): the connection goes back
+            # into the loan, whose next borrow, close() or thread end gives it back (a
+            # release that closes it if its cursors did not all end).  An append, not a
+            # call into the pool: a C call cannot be interrupted before it has acted.
+            if taken is not None:
+                loan.held.append(taken)
             raise
+        pool, conn = taken
         with self.wrap_database_errors:
             if self._herokupool_unusable:
                 pool.discard(conn)
             else:
                 pool.release(conn)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            loan = self._herokupool_loan
+            if loan is not None and loan.held and self.connection is None:
+                # Django's close() returns at once when the wrapper holds no connection;
+                # one its loan still records was left by an interrupted close() or
+                # connect(): give it back now, not at the next borrow or the thread's end.
+                _give_back_orphans(loan)
 
     def close_pool(self) -> None:
         """Close every pool of this alias in this process.
@@ -495,8 +510,10 @@ def _reclaim(loan: _Loan) -> None:
 def _give_back_orphans(loan: _Loan) -> None:
     while (taken := _take(loan)) is not None:
         pool, conn = taken
-        _end_loan(conn)
-        pool.release_later(conn)
+        try:
+            _end_loan(conn)
+        finally:
+            pool.release_later(conn)  # even if interrupted: see _reclaim
 
 
 def _end_loan(conn: Any) -> None:
