@@ -37,6 +37,7 @@ from django.urls import path
 
 import herokupool
 from herokupool import registry
+from tests.helpers import wait_until
 from tests.integration.conftest import pids_of
 from tests.testapp.models import Item
 
@@ -219,15 +220,6 @@ def test_concurrent_asgi_requests_return_their_connections(
     assert Item.objects.count() == requests_n
     # The request threads are gone (asgiref ends them with their request's context).
     assert wait_until(lambda: threading.active_count() <= threads_before + 1)
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 # ------------------------------------------------------------------ dying threads

@@ -37,6 +37,7 @@ from django.db import connections
 
 import herokupool
 from herokupool import registry
+from tests.helpers import wait_until
 from tests.integration.conftest import MakeWrapper, backend_pid, pids_of, settings_for
 
 pytestmark = pytest.mark.integration
@@ -121,15 +122,6 @@ def fork(body: Callable[[], dict[str, Any]]) -> Child:
             os._exit(code)
     os.close(write_end)
     return Child(pid, reports)
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def pool_stats(alias: str) -> dict[str, int | float]:

@@ -24,8 +24,9 @@ from psycopg2 import errors as pg_errors
 from psycopg2 import extensions as ext
 
 from tests.conftest import Server
+from tests.helpers import wait_until
 from tests.integration.conftest import MakeWrapper, backend_pid
-from tests.projects import Project, assert_passed, query, running, wait_until
+from tests.projects import Project, assert_passed, query, running
 from tests.testapp.models import Item
 
 pytestmark = pytest.mark.integration

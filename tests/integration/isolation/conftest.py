@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -113,12 +112,3 @@ def one(wrapper: Any, sql: str, params: Any = None) -> Any:
 
 def pid_of(wrapper: Any) -> int:
     return int(one(wrapper, "SELECT pg_backend_pid()")[0])
-
-
-def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.02)
-    return True

@@ -19,13 +19,13 @@ import psycopg2.extensions
 import pytest
 from django.db import DatabaseError
 
+from tests.helpers import wait_until
 from tests.integration.isolation.conftest import (
     in_thread,
     is_pooled,
     one,
     pid_of,
     request,
-    wait_until,
 )
 
 pytestmark = pytest.mark.integration

@@ -29,8 +29,9 @@ import pytest
 from django.db import close_old_connections, connections
 from django.test import override_settings
 
+from tests.helpers import wait_until
 from tests.integration.conftest import settings_for
-from tests.integration.isolation.conftest import forget, is_pooled, wait_until
+from tests.integration.isolation.conftest import forget, is_pooled
 
 pytestmark = pytest.mark.integration
 
