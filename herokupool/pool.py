@@ -55,6 +55,7 @@ from _thread import get_ident
 from collections.abc import Callable, Iterator
 from typing import Any, Final
 
+import psycopg2
 from psycopg2 import extensions as ext
 
 from herokupool import _fork
@@ -66,6 +67,15 @@ from herokupool.errors import PoolClosed, PoolOverloaded, PoolTimeout
 from herokupool.metrics import MetricsReporter, WaitWindow
 
 __all__ = ["ConnectionPool"]
+
+#: What a driver raises for a broken, closed or refused connection, which the pool turns into a
+#: discard.  Anything else reaching the pool's handlers in a borrower's thread is an
+#: interruption (a signal handler's exception: Celery's SoftTimeLimitExceeded is an
+#: Exception): the pool cleans up as for any interruption and lets it propagate, never
+#: swallowing it.
+_DRIVER_ERRORS: Final = (psycopg2.Error, OSError)
+#: What ``prepare_release`` raises for a session it cannot make new again.
+_NOT_REUSABLE: Final = (ValueError, *_DRIVER_ERRORS)
 
 logger = logging.getLogger("herokupool.pool")
 
@@ -405,7 +415,7 @@ class ConnectionPool:
             # below tells a FATAL whose close has not arrived yet from a notification.
             try:
                 conn.poll()
-            except Exception as error:
+            except _DRIVER_ERRORS as error:
                 return f"closed ({_first_line(error)})"
             _forget_messages(conn)
         if not (
@@ -419,7 +429,7 @@ class ConnectionPool:
             self._counters[VALIDATIONS] += 1
         try:
             limit = Deadline(conn.fileno(), max(deadline - now, _MIN_QUERY_TIME))
-        except Exception:
+        except _DRIVER_ERRORS:
             return "closed"
         try:
             with limit:
@@ -427,7 +437,7 @@ class ConnectionPool:
                     conn.autocommit = True
                 with conn.cursor() as cursor:
                     cursor.execute("SELECT 1")
-        except Exception as error:
+        except _DRIVER_ERRORS as error:
             if limit.disarm():
                 return "validation got no answer in time; the connection was cut"
             return f"validation failed: {_first_line(error)}"
@@ -735,7 +745,7 @@ class ConnectionPool:
             session = False
             try:
                 undo = self.prepare_release(conn)
-            except Exception as error:
+            except _NOT_REUSABLE as error:
                 return f"it cannot be made new again: {_first_line(error)}"
             if undo:
                 cleanup = undo if cleanup is None else f"{cleanup}; {undo}"
@@ -743,7 +753,7 @@ class ConnectionPool:
             return None  # the common case: nothing to undo, no round trip
         try:
             limit = Deadline(conn.fileno(), self.timeout)
-        except Exception:
+        except _DRIVER_ERRORS:
             return "lost"
         try:
             with limit:
@@ -764,7 +774,7 @@ class ConnectionPool:
                     if sql:
                         with conn.cursor() as cursor:
                             cursor.execute(sql)
-        except Exception as error:
+        except _DRIVER_ERRORS as error:
             if limit.disarm():
                 return "cleaning it got no answer in time; the connection was cut"
             if conn.closed:
@@ -1109,7 +1119,7 @@ def _forget_messages(conn: Any) -> None:
 
 
 def _close_quietly(conn: Any) -> None:
-    with contextlib.suppress(Exception):
+    with contextlib.suppress(*_DRIVER_ERRORS):
         conn.close()
 
 

@@ -49,7 +49,7 @@ _PRUNE_AT = 256
 _ROLE_UNKNOWN: Any = object()
 
 
-class SessionNotReusable(Exception):
+class SessionNotReusable(ValueError):
     """Raised by :func:`prepare_release` when the session cannot be made new again
     (``LOAD``): the pool then closes it."""
 
@@ -273,8 +273,8 @@ def _changes(cursor: Any, query: Any) -> int:
     # A psycopg2.sql.Composable (or anything psycopg2 accepts): read its text.
     try:
         text = query.as_string(cursor)
-    except Exception:
-        return 0  # psycopg2 will refuse it itself
+    except (psycopg2.Error, TypeError, ValueError, AttributeError):
+        return 0  # psycopg2 will refuse it itself (a signal's exception propagates)
     return session.changes(text)
 
 
