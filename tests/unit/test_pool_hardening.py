@@ -434,3 +434,31 @@ def test_maintenance_replaces_idle_connections_the_server_ended() -> None:
     assert len(driver.opened) == 3
     stats = assert_exact(pool)
     assert (stats["idle"], stats["connections_lost"]) == (2, 1)
+
+
+class SoftTimeLimit(Exception):
+    """Like Celery's SoftTimeLimitExceeded: an ``Exception`` a signal handler raises."""
+
+
+@pytest.mark.parametrize("step", ["validation", "rollback", "reset"])
+def test_a_signal_handlers_exception_is_never_swallowed(step: str) -> None:
+    """An ``Exception`` that is not the driver's, landing in the pool's own query, is an
+    interruption: it reaches the caller (a Celery task whose soft limit fired must stop), and
+    the connection of unknown state is discarded. Before, the pool took it for a failed query
+    and swallowed it: the task ran on past its soft limit."""
+    pool = make_pool(max_conns=1, test_on_borrow=step == "validation", reset="DISCARD ALL")
+    conn = pool.borrow()
+    if step == "validation":
+        pool.release(conn)
+    elif step == "rollback":
+        conn.begin()
+    conn.interrupt = SoftTimeLimit()
+    with pytest.raises(SoftTimeLimit):
+        if step == "validation":
+            pool.borrow()
+        else:
+            pool.release(conn)
+    assert conn.closed, "its state is unknown: discarded"
+    stats = assert_exact(pool)
+    assert (stats["in_use"], stats["idle"]) == (0, 0)
+    assert pool.borrow(timeout=0.1) is not conn, "the slot is free again"
