@@ -453,11 +453,9 @@ def test_a_signal_handlers_exception_is_never_swallowed(step: str) -> None:
     elif step == "rollback":
         conn.begin()
     conn.interrupt = SoftTimeLimit()
+    step_that_queries = pool.borrow if step == "validation" else lambda: pool.release(conn)
     with pytest.raises(SoftTimeLimit):
-        if step == "validation":
-            pool.borrow()
-        else:
-            pool.release(conn)
+        step_that_queries()
     assert conn.closed, "its state is unknown: discarded"
     stats = assert_exact(pool)
     assert (stats["in_use"], stats["idle"]) == (0, 0)
