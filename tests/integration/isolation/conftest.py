@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -112,3 +113,15 @@ def one(wrapper: Any, sql: str, params: Any = None) -> Any:
 
 def pid_of(wrapper: Any) -> int:
     return int(one(wrapper, "SELECT pg_backend_pid()")[0])
+
+
+@pytest.fixture
+def role(admin: Any) -> Iterator[str]:
+    """A NOLOGIN role of the test's own (only SET ROLE / SET SESSION AUTHORIZATION reach it),
+    dropped afterwards."""
+    name = f"hp_role_{uuid.uuid4().hex[:10]}"
+    with admin.cursor() as cursor:
+        cursor.execute(f"CREATE ROLE {name}")
+    yield name
+    with admin.cursor() as cursor:
+        cursor.execute(f"DROP ROLE IF EXISTS {name}")

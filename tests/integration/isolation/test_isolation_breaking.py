@@ -38,17 +38,6 @@ TEMP_OBJECTS = "SELECT count(*) FROM pg_class WHERE relnamespace = pg_my_temp_sc
 ADVISORY = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()"
 
 
-@pytest.fixture
-def role(admin: Any) -> Iterator[str]:
-    """A NOLOGIN role of this test's own, granted to nobody."""
-    name = f"hp_role_{uuid.uuid4().hex[:10]}"
-    with admin.cursor() as cursor:
-        cursor.execute(f"CREATE ROLE {name}")
-    yield name
-    with admin.cursor() as cursor:
-        cursor.execute(f"DROP ROLE IF EXISTS {name}")
-
-
 def raw(wrapper: Any) -> Any:
     """psycopg2's own cursor on the wrapper's connection (no Django wrapper)."""
     wrapper.ensure_connection()

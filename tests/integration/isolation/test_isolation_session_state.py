@@ -10,7 +10,7 @@ physical session (same ``pg_backend_pid()``).
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,17 +102,6 @@ VIAS: dict[str, Callable[[Any, str], None]] = {
     "django_cursor": through_django,
     "raw_cursor": through_raw_connection,
 }
-
-
-@pytest.fixture
-def role(admin: Any) -> Iterator[str]:
-    """A role of this test's own (NOLOGIN: only SET ROLE / SET SESSION AUTHORIZATION)."""
-    name = f"hp_role_{uuid.uuid4().hex[:10]}"
-    with admin.cursor() as cursor:
-        cursor.execute(f"CREATE ROLE {name}")
-    yield name
-    with admin.cursor() as cursor:
-        cursor.execute(f"DROP ROLE IF EXISTS {name}")
 
 
 @pytest.mark.parametrize("via", list(VIAS))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -60,16 +59,6 @@ def through(proxy: StatementRecorder, url: str) -> str:
     netloc = parts.netloc.rsplit("@", 1)
     host = f"127.0.0.1:{proxy.port}"
     return urlunsplit(parts._replace(netloc=f"{netloc[0]}@{host}" if len(netloc) == 2 else host))
-
-
-@pytest.fixture
-def role(admin: Any) -> Iterator[str]:
-    name = f"hp_role_{uuid.uuid4().hex[:10]}"
-    with admin.cursor() as cursor:
-        cursor.execute(f"CREATE ROLE {name}")
-    yield name
-    with admin.cursor() as cursor:
-        cursor.execute(f"DROP ROLE IF EXISTS {name}")
 
 
 def is_own(sql: str, statements: tuple[str, ...], atomic: bool) -> bool:
