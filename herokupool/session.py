@@ -67,7 +67,6 @@ __all__ = [
     "ROLE_RESET",
     "TEMP",
     "changes",
-    "describe",
     "undo",
 ]
 
@@ -94,17 +93,6 @@ _UNDO: Final = (
     (LOCK, "SELECT pg_advisory_unlock_all()"),
     (GUC, "RESET ALL"),
 )
-
-_NAMES: Final = {
-    GUC: "settings",
-    ROLE: "role",
-    LISTEN: "LISTEN",
-    PREPARE: "PREPARE",
-    TEMP: "temporary objects",
-    LOCK: "advisory locks",
-    CURSOR: "WITH HOLD cursors",
-    LOAD: "LOAD",
-}
 
 # Statements that may start with one of these words are read in full; so is any
 # statement behind a comment, which the full reading skips.
@@ -271,8 +259,3 @@ def undo(flags: int) -> str | None:
     be undone: the caller closes the session instead."""
     parts = [sql for flag, sql in _UNDO if flags & flag]
     return "; ".join(parts) if parts else None
-
-
-def describe(flags: int) -> str:
-    """The changes in ``flags`` in words, for log lines."""
-    return ", ".join(name for flag, name in _NAMES.items() if flags & flag) or "nothing"

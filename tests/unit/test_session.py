@@ -114,11 +114,6 @@ def test_the_undo_is_one_string_with_the_role_first() -> None:
     assert session.undo(LOAD) is None  # cannot be undone: the caller closes the session
 
 
-def test_describe_names_the_changes() -> None:
-    assert session.describe(GUC | LOCK) == "settings, advisory locks"
-    assert session.describe(0) == "nothing"
-
-
 #: Session changes the first classifier missed (found by tests/integration/isolation/
 #: test_isolation_breaking.py), with the flags they must at least carry.
 MISSED = {
