@@ -288,16 +288,16 @@ def available() -> list[str]:
 
 def for_connection(conn: Any) -> Driver:
     """The driver a connection comes from: by the package its class (or a base class) is
-    defined in, else by its interface (``get_transaction_status()``: psycopg2; ``pgconn``:
-    psycopg 3).  ``TypeError`` when neither matches."""
+    defined in, else by its interface (``pgconn``: psycopg 3; ``get_transaction_status()``:
+    psycopg2).  ``TypeError`` when neither matches."""
     for cls in type(conn).__mro__:
         package = cls.__module__.partition(".")[0]
         if package in _CLASSES:
             return get(package)
+    if hasattr(conn, "pgconn"):  # psycopg2's connections have none (only pgconn_ptr)
+        return get("psycopg")
     if hasattr(conn, "get_transaction_status"):
         return get("psycopg2")
-    if hasattr(conn, "pgconn"):
-        return get("psycopg")
     raise TypeError(
         f"herokupool cannot pool {type(conn).__qualname__} objects: "
         "connect() must return a psycopg2 or psycopg 3 connection"

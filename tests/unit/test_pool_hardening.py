@@ -24,6 +24,9 @@ from tests.helpers import Interrupted, interrupting, wait_until
 from tests.unit.fakes import FakeClock, FakeConnection, FakeDriver
 from tests.unit.test_pool import make_pool
 
+# Every test here runs once per driver installed (see tests/unit/conftest.py).
+pytestmark = pytest.mark.usefixtures("flavour")
+
 
 def assert_exact(pool: ConnectionPool) -> dict[str, int | float]:
     stats = pool.stats()
