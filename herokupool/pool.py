@@ -59,12 +59,13 @@ from herokupool import _fork, drivers
 from herokupool._deadline import Deadline
 from herokupool._entries import Entries, Entry, State
 from herokupool._housekeeping import FILL, REPAIR, STOP, work
+from herokupool._redact import mask_driver_text
 from herokupool._waiting import Outcome, Waiter, WaitingLine
 from herokupool.drivers import IDLE as _TX_IDLE
 from herokupool.drivers import INERROR as _TX_INERROR
 from herokupool.drivers import INTRANS as _TX_INTRANS
 from herokupool.drivers import Driver
-from herokupool.errors import PoolClosed, PoolOverloaded, PoolTimeout
+from herokupool.errors import PoolClosed, PoolError, PoolOverloaded, PoolTimeout
 from herokupool.metrics import MetricsReporter, WaitWindow
 
 __all__ = ["ConnectionPool"]
@@ -530,16 +531,21 @@ class ConnectionPool:
         try:
             return self._connect()
         except BaseException as error:
+            masked = _masked(error) if isinstance(error, Exception) else None
             with self._lock:
                 self._entries.remove(entry)
                 self._counters[CONNECTIONS_FAILED] += 1
                 if isinstance(error, Exception):
-                    self._last_error = error
+                    self._last_error = error if masked is None else masked
                 self._wake_for_slot(refill=False)
             logger.warning(
                 "pool %r: could not open a connection: %s", self.name, _first_line(error)
             )
-            raise
+            if masked is None:
+                raise
+        # Raised here, outside the handler, so that the original (whose text holds what
+        # was masked) is neither its cause nor its context.
+        raise masked
 
     def _opened(self) -> None:
         """Count a connection just opened.  Must be called with the lock held."""
@@ -1111,5 +1117,22 @@ def _detach_socket(conn: Any, driver: Driver) -> None:
 
 
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
+    text = mask_driver_text(str(error)).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def _masked(error: Exception) -> Exception | None:
+    """A copy of a driver's ``error`` with what may be a password masked (see
+    :func:`~herokupool._redact.mask_driver_text`), of the same type where it can be made;
+    None when there was nothing to mask."""
+    text = str(error)
+    masked = mask_driver_text(text)
+    if masked == text:
+        return None
+    try:
+        copy = type(error)(masked)
+    except Exception:
+        copy = PoolError(masked)  # an OperationalError of every driver installed
+    if str(copy) != masked:  # a type whose str() is not its argument
+        copy = PoolError(masked)
+    return copy
