@@ -737,6 +737,8 @@ class ConnectionPool:
     def _reset(self, conn: Any, cleanup: str | None) -> str | None:
         """Make ``conn`` ready for the next borrower; say why not when it cannot be."""
         driver = self._driver
+        if self.prepare_release is None and not (cleanup or self.reset) and driver.untouched(conn):
+            return None  # the common case, in one call: nothing to undo, no round trip
         if driver.closed(conn):
             return "lost"
         status = driver.transaction_status(conn)
