@@ -106,6 +106,9 @@ class Driver:
     def __repr__(self) -> str:
         return f"<herokupool driver {self.name}>"
 
+    def adopt(self, conn: Any) -> None:
+        """Called once for each connection the pool opens, before anyone uses it."""
+
     #: ``transaction_status(conn)``: :data:`IDLE`, :data:`ACTIVE`, :data:`INTRANS`,
     #: :data:`INERROR`, :data:`UNKNOWN` or :data:`HELD`.  The connection must not be closed.
     transaction_status: Callable[[Any], int] = staticmethod(_unsupported)
@@ -236,6 +239,14 @@ class Psycopg3(Driver):
         self.errors = (psycopg.Error, OSError)
         self.not_reusable = (ValueError, *self.errors)
         self.operational_error = psycopg.OperationalError
+
+    def adopt(self, conn: Any) -> None:
+        # What psycopg_pool does to its connections: psycopg then does not warn
+        # (ResourceWarning) when one is freed while open.  The pool holds lent connections
+        # weakly so that one its borrower lost is freed, closed by psycopg, and reported by
+        # the pool itself; a child process keeps inherited ones until it exits.  Nothing
+        # else in psycopg reads a None _pool (close() returns to a pool only a true one).
+        conn._pool = None
 
     def transaction_status(self, conn: Any) -> int:
         # Private attributes, read here only: psycopg refuses rollback() inside its own

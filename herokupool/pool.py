@@ -525,6 +525,7 @@ class ConnectionPool:
             # Outside the lock: threads attaching their first connections at once all
             # find the same driver, and the assignment is atomic.
             driver = self._driver = drivers.for_connection(conn)
+        driver.adopt(conn)
         entry.attach(conn, now, self.max_lifetime, self._on_lost, driver.fileno)
 
     def _connect_in(self, entry: Entry) -> Any:

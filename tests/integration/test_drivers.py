@@ -7,6 +7,7 @@ pool-level guarantee through each adapter.  No Django: ``ConnectionPool`` over a
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import threading
 import time
@@ -535,3 +536,22 @@ def _quietly(call: Any) -> Any:
             call()
 
     return run
+
+
+def test_a_connection_its_borrower_lost_is_closed_and_its_slot_freed_without_a_warning(
+    driver_name: str, dsn: str, admin: Any, app_name: str, pools: list[ConnectionPool]
+) -> None:
+    """CPython frees it the moment the last reference goes, and the driver closes it.
+    psycopg 3 would warn (ResourceWarning, an error under -W error) about a connection
+    freed open: not about a pooled one, whose loss the pool reports itself."""
+    pool = make_pool(
+        pools, driver_name, dsn, name="lost", max_conns=1, params={"application_name": app_name}
+    )
+    conn = pool.borrow()
+    pid = backend(conn)
+    del conn
+    gc.collect()
+    assert wait_until(lambda: pid not in pids_of(admin, app_name), 2), "the session ended"
+    again = pool.borrow(timeout=2)  # the slot is free again
+    assert backend(again) != pid
+    pool.release(again)
