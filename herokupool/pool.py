@@ -423,6 +423,9 @@ class ConnectionPool:
             except driver.errors as error:
                 return f"closed ({_first_line(error)})"
             driver.forget_messages(conn)
+        if entry.suspect:  # a sweep read something from it without a query: as readable
+            entry.suspect = False
+            readable = True
         if not (
             readable
             or self.test_on_borrow
@@ -822,6 +825,9 @@ class ConnectionPool:
                 except Exception:
                     continue
                 driver.forget_messages(conn)
+                # What was read may be a FATAL whose close is still on its way: the next
+                # borrow of this one runs a query first.
+                entry.suspect = True
                 alive.append(entry)
         finally:
             dead = []

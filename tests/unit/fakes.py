@@ -47,7 +47,7 @@ class FakeCursor:
             raise conn.interrupt
         if conn.hang:
             conn.wait_for_server()
-        if conn.closed or conn.server_gone:
+        if conn.closed or conn.server_gone or conn.ending:
             conn.closed = 2
             raise conn.OperationalError("server closed the connection unexpectedly")
         conn.executed.append(sql)
@@ -89,6 +89,8 @@ class FakeConnection:
         self.executed: list[str] = []
         self.rollbacks = 0
         self.server_gone = False
+        # The server sent its FATAL and is closing: reading succeeds, a query fails.
+        self.ending = False
         self.hang = False
         self.interrupt: BaseException | None = None
         self.notifies: list[object] = []

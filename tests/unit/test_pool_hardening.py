@@ -463,3 +463,24 @@ def test_a_signal_handlers_exception_is_never_swallowed(step: str) -> None:
     stats = assert_exact(pool)
     assert (stats["in_use"], stats["idle"]) == (0, 0)
     assert pool.borrow(timeout=0.1) is not conn, "the slot is free again"
+
+
+def test_a_connection_found_readable_by_a_sweep_is_validated_before_it_is_lent() -> None:
+    """A killed backend sends its FATAL before it closes the socket.  A sweep that reads the
+    FATAL before the close arrives cannot tell it from a notification: the connection stays,
+    but the next borrow must check it with a query, however recently it was used."""
+    driver = FakeDriver()
+    pool = make_pool(driver, max_conns=2, validate_after=0.5)
+    a, b = pool.borrow(), pool.borrow()
+    pool.release(a)
+    pool.release(b)  # b on top of the idle stack
+    a.notify(b"FATAL")  # a's backend was terminated: its FATAL arrived, not yet the close
+    a.ending = True
+    b.kill()
+    conn = pool.borrow()  # b is found dead; the sweep reads a's FATAL and keeps a
+    assert conn is not a, "a connection that had traffic while idle was lent unchecked"
+    assert conn is not b
+    stats = pool.stats()
+    assert stats["connections_lost"] == 2, stats
+    assert stats["borrows"] == stats["releases"] + stats["in_use"], stats
+    pool.release(conn)
