@@ -287,6 +287,20 @@ class Psycopg3(Driver):
             or conn.deferrable is not None
         )
 
+    def untouched(self, conn: Any) -> bool:
+        # Inline: the release fast path.  A closed connection's status is UNKNOWN (libpq),
+        # so it is never found untouched.
+        return (
+            conn.pgconn.transaction_status == IDLE
+            and not conn._num_transactions
+            and conn._pipeline is None
+            and conn._tpc is None
+            and conn.autocommit
+            and conn.isolation_level is None
+            and conn.read_only is None
+            and conn.deferrable is None
+        )
+
     def end_transaction(self, conn: Any) -> None:
         # psycopg 3's rollback() sends ROLLBACK whenever the server's transaction status
         # is not IDLE, in autocommit too: a raw BEGIN is ended with no extra step.  (It
