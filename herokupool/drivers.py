@@ -349,8 +349,17 @@ def get(name: str) -> Driver:
 
 
 def available() -> list[str]:
-    """The names of the drivers installed, psycopg2 first."""
-    return [name for name in _CLASSES if importlib.util.find_spec(name) is not None]
+    """The names of the drivers installed and importable, psycopg2 first."""
+    names = []
+    for name in _CLASSES:
+        if importlib.util.find_spec(name) is None:
+            continue
+        try:
+            get(name)
+        except ImportError:  # psycopg without a libpq it can load
+            continue
+        names.append(name)
+    return names
 
 
 def for_connection(conn: Any) -> Driver:

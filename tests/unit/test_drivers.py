@@ -177,3 +177,17 @@ def test_what_may_be_a_password_is_masked_in_driver_texts(text: str, masked: str
     from herokupool._redact import mask_driver_text
 
     assert mask_driver_text(text) == masked
+
+
+def test_a_driver_that_cannot_be_imported_is_not_available(monkeypatch: pytest.MonkeyPatch) -> None:
+    """psycopg installed without a libpq it can load raises ImportError on import."""
+    real = drivers.get
+
+    def get(name: str) -> drivers.Driver:
+        if name == "psycopg":
+            raise ImportError("no pq wrapper available")
+        return real(name)
+
+    monkeypatch.setattr(drivers, "get", get)
+    monkeypatch.setattr(drivers.importlib.util, "find_spec", lambda name: object())
+    assert drivers.available() == ["psycopg2"]
