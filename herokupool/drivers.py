@@ -92,7 +92,11 @@ class Driver:
 
     #: The driver's top-level package name: ``"psycopg2"`` or ``"psycopg"``.
     name: str = ""
-    #: What the driver raises for a broken, closed or refused connection (plus ``OSError``).
+    #: What the driver raises for a broken, closed or refused connection (plus ``OSError``),
+    #: which the pool turns into a discard.  Anything else reaching the pool's handlers in a
+    #: borrower's thread is an interruption (a signal handler's exception: Celery's
+    #: SoftTimeLimitExceeded is an Exception): the pool cleans up as for any interruption
+    #: and lets it propagate, never swallowing it.
     errors: tuple[type[BaseException], ...] = (OSError,)
     #: The driver's ``OperationalError``.
     operational_error: type[Exception] = OSError

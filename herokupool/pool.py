@@ -290,7 +290,8 @@ class ConnectionPool:
             idle = entries.idle
             if idle:
                 # The fast path: the top idle connection needs no query (not expired, used
-                # within validate_after, nothing on its socket), so it is lent in one step.
+                # within validate_after, nothing read from or waiting on its socket), so it
+                # is lent in one step.
                 entry = idle[-1]
                 now = self._clock()
                 poller = entry.poller
@@ -299,6 +300,7 @@ class ConnectionPool:
                     and not self.test_on_borrow
                     and (self.validate_after is None or now - entry.last_used < self.validate_after)
                     and poller is not None
+                    and not entry.suspect
                     and not poller.poll(0)
                 ):
                     conn = entries.lend_top(now, get_ident())

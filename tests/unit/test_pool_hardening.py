@@ -484,3 +484,20 @@ def test_a_connection_found_readable_by_a_sweep_is_validated_before_it_is_lent()
     assert stats["connections_lost"] == 2, stats
     assert stats["borrows"] == stats["releases"] + stats["in_use"], stats
     pool.release(conn)
+
+
+def test_a_connection_a_maintenance_sweep_read_from_is_not_lent_by_the_fast_path() -> None:
+    driver = FakeDriver()
+    pool = make_pool(driver, max_conns=2, validate_after=0.5)
+    a, b = pool.borrow(), pool.borrow()
+    pool.release(a)
+    pool.release(b)
+    a.notify(b"FATAL")  # its FATAL arrived, not yet the close
+    a.ending = True
+    b.kill()
+    pool.run_maintenance()  # the sweep: b is dead, a is kept (only read, not queried)
+    assert pool.stats()["idle"] == 1
+    conn = pool.borrow()  # a is on top, its socket quiet, used just now
+    assert conn is not a, "the fast path lent a connection a sweep could not vouch for"
+    pool.release(conn)
+    assert pool.stats()["connections_lost"] == 2
