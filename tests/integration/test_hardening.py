@@ -41,6 +41,7 @@ from django.db import (
 import herokupool
 from devtools.relay import TcpRelay
 from herokupool.pool import ConnectionPool
+from tests.drivers import INSTALLED, connector, pending_notifications
 from tests.helpers import Interrupted, interrupting, wait_until
 from tests.integration.conftest import (
     MakeCluster,
@@ -543,7 +544,9 @@ def test_min_conns_are_opened_at_creation_and_refilled_when_lost(
     victim = next(pid for pid in pids_of(admin, app_name) if pid != borrowed)
     with admin.cursor() as cursor:
         cursor.execute("SELECT pg_terminate_backend(%s)", [victim])
-    assert wait_until(lambda: sessions() == 3 and victim not in pids_of(admin, app_name), 10), (
+    # One snapshot: counted and searched at two moments, the victim could be counted
+    # among the three and then be gone.
+    assert wait_until(lambda: _three_without(pids_of(admin, app_name), victim), 10), (
         f"{sessions()} sessions after one was terminated"
     )
     # The server lists a session before the pool has counted it.
@@ -556,6 +559,10 @@ def test_min_conns_are_opened_at_creation_and_refilled_when_lost(
     stats = herokupool.stats()[wrapper.alias]
     assert stats["connections_lost"] == 1, stats
     counters_exact(stats)
+
+
+def _three_without(pids: set[int], victim: int) -> bool:
+    return len(pids) == 3 and victim not in pids
 
 
 # ------------------------------------------------------------ item 7: dying threads
@@ -748,17 +755,16 @@ def test_the_timeout_message_names_the_executor_thread_holding_a_connection(
     counters_exact(herokupool.stats()[alias])
 
 
-def test_pool_connection_context_manager_against_a_real_server(dsn: str, table: str) -> None:
-    def connect() -> Any:
-        conn = psycopg2.connect(dsn)
-        conn.autocommit = True
-        return conn
-
-    pool = ConnectionPool(connect, name="ctx", max_conns=1, timeout=2)
+@pytest.mark.parametrize("driver_name", INSTALLED)
+def test_pool_connection_context_manager_against_a_real_server(
+    driver_name: str, dsn: str, table: str
+) -> None:
+    pool = ConnectionPool(connector(driver_name, dsn), name="ctx", max_conns=1, timeout=2)
     try:
         with pool.connection() as conn, conn.cursor() as cursor:
             cursor.execute("SELECT pg_backend_pid()")
             pid = cursor.fetchone()[0]
+            assert type(conn).__module__.partition(".")[0] == driver_name
             assert pool.stats()["in_use"] == 1
         assert pool.stats()["in_use"] == 0
 
@@ -815,14 +821,11 @@ def test_a_thread_ending_with_a_connection_after_close_pools_closes_it_at_once(
 # ------------------------------------------------- issue 16: a readable socket is not dead
 
 
+@pytest.mark.parametrize("driver_name", INSTALLED)
 def test_an_idle_connection_with_pending_notifications_is_neither_swept_nor_grows(
-    dsn: str, admin: Any, app_name: str
+    driver_name: str, dsn: str, admin: Any, app_name: str
 ) -> None:
-    def connect() -> Any:
-        conn = psycopg2.connect(dsn, application_name=app_name)
-        conn.autocommit = True
-        return conn
-
+    connect = connector(driver_name, dsn, application_name=app_name)
     channel = f"hp_{uuid.uuid4().hex[:8]}"
     notifier = psycopg2.connect(dsn)  # NOTIFY reaches listeners of the same database
     notifier.autocommit = True
@@ -854,7 +857,7 @@ def test_an_idle_connection_with_pending_notifications_is_neither_swept_nor_grow
             assert cursor.fetchone()[0] == pid
         # What arrived while idle is not handed to the borrower (a notification sent while
         # the borrow checked the connection may still be read along with its query).
-        assert len(listener.notifies) <= 1, listener.notifies
+        assert len(pending_notifications(listener)) <= 1, pending_notifications(listener)
         for conn in both:
             pool.release(conn)
         assert pool.stats()["connections_lost"] == 0
