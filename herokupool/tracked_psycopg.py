@@ -352,6 +352,19 @@ class _Tracking:
         super().close()  # type: ignore[misc]
 
 
+class _Named(_Tracking):
+    """Mixed into server-side cursors: psycopg writes their ``DECLARE`` itself, so a
+    ``WITH HOLD`` one (Django's in autocommit) is recorded here, for the release's
+    ``CLOSE ALL``."""
+
+    __slots__ = ()
+
+    def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
+        if self._withhold:  # type: ignore[attr-defined]
+            self._conn.note(session.CURSOR, "")  # type: ignore[attr-defined]
+        return super().execute(query, params, **kwargs)
+
+
 def _record(cursor: Any, query: Any) -> None:
     if isinstance(query, str):  # str subclasses too: Django's SafeString
         text = query
@@ -389,7 +402,8 @@ _classes: dict[type, type] = {}
 def _tracking_class(factory: type) -> type:
     cls = _classes.get(factory)
     if cls is None:
+        mixin = _Named if issubclass(factory, psycopg.ServerCursor) else _Tracking
         cls = _classes[factory] = type(
-            f"Tracked{factory.__name__}", (_Tracking, factory), {"__slots__": ()}
+            f"Tracked{factory.__name__}", (mixin, factory), {"__slots__": ()}
         )
     return cls
