@@ -142,12 +142,16 @@ class TrackedConnection(psycopg.Connection[Any]):
         """Start a loan: forget what the pool itself ran between loans, and note the
         session characteristics the borrower's set-up gave it, which the release keeps."""
         self.herokupool_flags = 0
+        self.herokupool_prepared = set()
+        self.herokupool_forgot = False  # the last release's own DEALLOCATE ALL, if any
         self._characteristics = (self.isolation_level, self.read_only, self.deferrable)
         self._loan_open = True
 
     def note(self, flags: int, query: str) -> None:
         """Record session changes (``session.*`` flags) made by the current loan's
         ``query``."""
+        if not self._loan_open:
+            return  # the pool's own statements between loans (validation, the undo)
         if flags & session.FORGETS:
             self.note_forgotten(query)
             flags &= ~session.FORGETS
@@ -174,6 +178,11 @@ class TrackedConnection(psycopg.Connection[Any]):
             else:
                 everything = True  # perhaps psycopg's own
         if everything:
+            # psycopg would otherwise go on executing statements by names the server is
+            # about to forget (within this loan too, where a new connection would not
+            # have prepared them yet).  Should the statement fail, the server keeps them
+            # unknown to psycopg: the release's DEALLOCATE ALL drops them.
+            self.forget_prepared()
             self.herokupool_forgot = True
 
     def cursor(self, *args: Any, **kwargs: Any) -> Any:
