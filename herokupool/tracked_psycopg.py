@@ -129,6 +129,13 @@ class TrackedConnection(psycopg.Connection[Any]):
         self._adapters = _LoanAdapters(self._template)
         self._baseline = self._client_state()
 
+    def keep_adapters(self) -> None:
+        """The adapters registered on the connection so far this loan are the backend's
+        set-up for it (PostGIS's), not a borrower's change: the release keeps them, and
+        the next borrow's set-up registers them again."""
+        adapters: Any = self._adapters
+        adapters.herokupool_changed = False
+
     def _client_state(self) -> tuple[Any, ...]:
         return (
             self.cursor_factory,
