@@ -52,7 +52,7 @@ from psycopg.rows import tuple_row
 from psycopg.types import TypesRegistry
 
 from herokupool import session
-from herokupool.tracked import SessionNotReusable
+from herokupool.session import SessionNotReusable
 
 __all__ = [
     "TrackedConnection",
@@ -149,7 +149,8 @@ class TrackedConnection(psycopg.Connection[Any]):
         """Start a loan: forget what the pool itself ran between loans, and note the
         session characteristics the borrower's set-up gave it, which the release keeps."""
         self.herokupool_flags = 0
-        self.herokupool_prepared = set()
+        if self.herokupool_prepared:
+            self.herokupool_prepared = set()
         self.herokupool_forgot = False  # the last release's own DEALLOCATE ALL, if any
         self._characteristics = (self.isolation_level, self.read_only, self.deferrable)
         self._loan_open = True
@@ -240,12 +241,17 @@ class TrackedConnection(psycopg.Connection[Any]):
     def client_state_changed(self) -> bool:
         """Whether the loan left client-side state behind (see :func:`prepare_release`)."""
         characteristics = self._characteristics
+        baseline = self._baseline
         adapters: Any = self._adapters
         return bool(
             self._handlers
             or self._notifies_backlog
             or adapters.herokupool_changed
-            or self._client_state() != self._baseline
+            or self.cursor_factory is not baseline[0]
+            or self.server_cursor_factory is not baseline[1]
+            or self.row_factory is not baseline[2]
+            or self.prepare_threshold != baseline[3]
+            or self.prepared_max != baseline[4]
             or self.isolation_level != characteristics[0]
             or self.read_only != characteristics[1]
             or self.deferrable != characteristics[2]
@@ -285,7 +291,7 @@ def prepare_release(conn: Any, reset_forgets: bool = False) -> str | None:
     ``reset_forgets``: the pool's ``RESET`` makes the server forget prepared statements
     (``DISCARD ALL``): psycopg's cache is emptied on every release.
 
-    No I/O and no lock.  Raises :class:`~herokupool.tracked.SessionNotReusable` when the
+    No I/O and no lock.  Raises :class:`~herokupool.session.SessionNotReusable` when the
     session cannot be made new again (a ``LOAD``; a ``with conn.transaction()`` block, a
     pipeline or a two-phase transaction still open; the isolation level, read-only or
     deferrable changed on the connection): the pool then closes it.  Connections that
