@@ -421,7 +421,7 @@ class ConnectionPool:
             # server's goodbye.  read_input() reads it (raising when it sees the close); the
             # query below tells a FATAL whose close has not arrived yet from a notification.
             try:
-                driver.read_input(conn)
+                _read_idle(driver, entry, conn)
             except driver.errors as error:
                 return f"closed ({_first_line(error)})"
             driver.forget_messages(conn)
@@ -823,7 +823,7 @@ class ConnectionPool:
                 if driver.closed(conn) or entry.poller is None:
                     continue
                 try:
-                    driver.read_input(conn)
+                    _read_idle(driver, entry, conn)
                 except Exception:
                     continue
                 driver.forget_messages(conn)
@@ -1125,6 +1125,25 @@ def _detach_socket(conn: Any, driver: Driver) -> None:
             os.dup2(_devnull, fd)
     except Exception:
         pass
+
+
+#: Most reads of an idle socket per check: a killed backend's FATAL and its close may take
+#: two; a stream of notifications must not keep a check reading.
+_MAX_IDLE_READS: Final = 4
+
+
+def _read_idle(driver: Driver, entry: Entry, conn: Any) -> None:
+    """Read what arrived on an idle connection until its socket is quiet (at most
+    :data:`_MAX_IDLE_READS` reads); raise the driver's error when the server closed it.
+
+    One read is not enough: libpq hands an error that arrives while idle (a terminated
+    backend's FATAL) to the notice processor and sees the close that follows only at the
+    next read, so a single read would keep a dead connection until the next sweep.
+    """
+    for _ in range(_MAX_IDLE_READS):
+        driver.read_input(conn)
+        if not entry.readable():
+            return
 
 
 def _first_line(error: BaseException) -> str:

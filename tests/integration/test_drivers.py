@@ -555,3 +555,30 @@ def test_a_connection_its_borrower_lost_is_closed_and_its_slot_freed_without_a_w
     again = pool.borrow(timeout=2)  # the slot is free again
     assert backend(again) != pid
     pool.release(again)
+
+
+def test_one_sweep_finds_a_backend_terminated_while_idle(
+    driver_name: str, dsn: str, admin: Any, app_name: str, pools: list[ConnectionPool]
+) -> None:
+    """Its FATAL and its close both wait on the socket; one read takes only the FATAL (libpq
+    hands an error that arrives while idle to the notice processor, and raises for the close
+    only at the next read): a sweep that read once would keep it until the next one."""
+    pool = make_pool(
+        pools,
+        driver_name,
+        dsn,
+        name="sweep",
+        max_conns=2,
+        background=False,
+        params={"application_name": app_name},
+    )
+    first, second = pool.borrow(), pool.borrow()
+    victim = backend(first)
+    pool.release(first)
+    pool.release(second)
+    query(admin, "SELECT pg_terminate_backend(%s)", [victim])
+    assert wait_until(lambda: victim not in pids_of(admin, app_name), 2)
+    time.sleep(0.2)  # the close has reached the client's socket too
+    pool.run_maintenance()
+    stats = exact(pool)
+    assert (stats["connections_lost"], stats["idle"]) == (1, 1), stats
