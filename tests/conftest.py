@@ -12,6 +12,11 @@ once on one server must never share, drop or clobber each other's databases.
 With HEROKUPOOL_REQUIRE_SERVICES=1 (as .ci/run sets) a test that would skip for a
 missing service (PostGIS, PgBouncer, ...) fails instead, and so does any other skip:
 a skipped test proves nothing.
+
+The driver is the one Django's backend chose (psycopg 3 when importable, else psycopg2).
+A test of something only one driver has (psycopg2's ``cursor_factory`` classes, psycopg 3's
+``Connection.execute``) is marked ``psycopg2_only`` or ``psycopg3_only`` and *deselected* on
+the other driver: it is not a skip, there is nothing to run.
 """
 
 from __future__ import annotations
@@ -44,6 +49,30 @@ def require(available: bool, what: str) -> None:
     if REQUIRE_SERVICES:
         pytest.fail(f"{what} is required (HEROKUPOOL_REQUIRE_SERVICES=1) but missing")
     pytest.skip(f"{what} is not available")
+
+
+#: Markers of tests that exist for one driver only -> whether that driver is the one in use.
+DRIVER_MARKERS = {"psycopg2_only": False, "psycopg3_only": True}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "psycopg2_only: runs on psycopg2 only (else deselected)")
+    config.addinivalue_line("markers", "psycopg3_only: runs on psycopg 3 only (else deselected)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    from django.db.backends.postgresql.psycopg_any import is_psycopg3
+
+    keep, drop = [], []
+    for item in items:
+        wrong = any(
+            item.get_closest_marker(name) is not None and needs_psycopg3 != is_psycopg3
+            for name, needs_psycopg3 in DRIVER_MARKERS.items()
+        )
+        (drop if wrong else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 @pytest.hookimpl(hookwrapper=True)
