@@ -10,12 +10,19 @@ session; a database that existed before the session is left alone.
 With HEROKUPOOL_REQUIRE_SERVICES=1 (as .ci/run sets) a test that would skip for a
 missing service (PostGIS, PgBouncer, ...) fails instead, and so does any other skip:
 a skipped test proves nothing.
+
+The driver: Django's backend loads psycopg 3 whenever it can import it, else psycopg2, so the
+virtualenv decides which driver a run tests. HEROKUPOOL_TEST_DRIVER (psycopg2 or psycopg3, set
+by `make test-psycopg2` / `make test-psycopg3` and by every tox cell) names the one the run is
+meant for: the session refuses to start when Django loaded the other, so a run can never test
+the wrong driver silently. pytest's header names the driver loaded.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -27,6 +34,50 @@ import psycopg2
 import pytest
 
 REQUIRE_SERVICES = os.environ.get("HEROKUPOOL_REQUIRE_SERVICES", "") not in ("", "0")
+DRIVERS = ("psycopg2", "psycopg3")
+
+
+def loaded_driver() -> str:
+    """The driver Django's PostgreSQL backend uses in this process: psycopg2 or psycopg3."""
+    from django.db.backends.postgresql.psycopg_any import is_psycopg3
+
+    return "psycopg3" if is_psycopg3 else "psycopg2"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    expected = os.environ.get("HEROKUPOOL_TEST_DRIVER", "")
+    if not expected:
+        return
+    if expected not in DRIVERS:
+        raise pytest.UsageError(
+            f"HEROKUPOOL_TEST_DRIVER ({expected!r}) must be one of {', '.join(DRIVERS)}."
+        )
+    actual = loaded_driver()
+    if actual != expected:
+        hint = (
+            "install herokupool[psycopg] (make venv-pg3 builds .venv-pg3 with it)"
+            if expected == "psycopg3"
+            else "use a virtualenv without the psycopg package (make venv builds .venv)"
+        )
+        raise pytest.UsageError(
+            f"HEROKUPOOL_TEST_DRIVER is {expected} but Django loaded {actual} in this "
+            f"virtualenv ({sys.prefix}): {hint}."
+        )
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    import django
+
+    driver = loaded_driver()
+    if driver == "psycopg3":
+        import psycopg
+
+        version = psycopg.__version__
+    else:
+        version = psycopg2.__version__.split()[0]
+    expected = os.environ.get("HEROKUPOOL_TEST_DRIVER")
+    checked = f" (HEROKUPOOL_TEST_DRIVER={expected})" if expected else ""
+    return f"herokupool: driver {driver} {version}{checked}, Django {django.__version__}"
 
 
 def require(available: bool, what: str) -> None:
