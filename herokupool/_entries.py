@@ -14,7 +14,7 @@ Who owns a connection at every moment:
 - ``HANDED``: given to a queued borrower (its owner) that has not taken it up yet.
 - ``LENT``: the borrower.  The pool then holds the connection only by a weak reference, so
   a connection its borrower lost every reference to is known at once (CPython frees it, and
-  psycopg2 closes it, the moment the last reference goes).
+  the driver closes it, the moment the last reference goes).
 
 An owner is held by a weak reference too.  An entry whose owner (or, when lent, whose
 connection) is gone is stranded; the weak reference's callback asks the pool's thread to put
@@ -86,21 +86,23 @@ class Entry:
         now: float,
         lifetime: float | None,
         on_lost: Callable[[weakref.ReferenceType[Any]], None],
+        fileno: Callable[[Any], int],
     ) -> None:
         """Record the connection just opened in this slot (no lock needed: the entry is
-        still its opener's alone)."""
+        still its opener's alone); ``fileno`` is its driver's way to its socket."""
         self.ref = weakref.ref(conn, on_lost)
         self.conn = conn
         self.key = id(conn)
         self.created_at = self.last_used = self.borrowed_at = now
         if lifetime is not None:
             self.expires_at = now + lifetime * (1.0 - random.random() * LIFETIME_JITTER)
-        self.poller = _poller(conn)
+        self.poller = _poller(conn, fileno)
 
     def readable(self) -> bool:
         """True when the socket has something to read (or none to watch): the server sent
         something (a notification, a parameter change) or closed the connection.  One
-        zero-timeout poll, no round trip; only ``conn.poll()`` tells the two apart."""
+        zero-timeout poll, no round trip; only reading it (the driver's ``read_input()``)
+        tells the two apart."""
         return self.poller is None or bool(self.poller.poll(0))
 
     def stranded(self) -> bool:
@@ -270,13 +272,13 @@ class Entries:
         return found
 
 
-def _poller(conn: Any) -> select.poll | None:
+def _poller(conn: Any, fileno: Callable[[Any], int]) -> select.poll | None:
     """A poll object on the connection's socket, made once per connection: each check is then
     one zero-timeout poll() call.  None when there is no socket to watch (the check then
     falls back to a validation query)."""
     try:
         poller = select.poll()
-        poller.register(conn.fileno(), select.POLLIN)
+        poller.register(fileno(conn), select.POLLIN)
     except Exception:
         return None
     return poller

@@ -1,19 +1,42 @@
 """Exceptions raised by the pool.
 
-Every pool error subclasses :class:`psycopg2.OperationalError`, so inside Django it
-reaches the application as :class:`django.db.OperationalError` through Django's own
-error wrapping, with no extra code in views or middleware.
+Every pool error subclasses :class:`psycopg2.OperationalError` and, when the ``psycopg``
+package (psycopg 3) is installed, :class:`psycopg.OperationalError` as well.  Django's
+error wrapper checks ``issubclass(error, Database.OperationalError)`` where ``Database`` is
+the driver its PostgreSQL backend chose, so on either driver a pool error reaches the
+application as :class:`django.db.OperationalError`, with no extra code in views or
+middleware, and ``except psycopg.OperationalError`` / ``except psycopg2.OperationalError``
+catch it too.
 """
 
 from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import Any
 
 import psycopg2
 
 __all__ = ["PoolClosed", "PoolError", "PoolOverloaded", "PoolTimeout"]
 
 
-class PoolError(psycopg2.OperationalError):
+def _bases() -> tuple[type[Exception], ...]:
+    if importlib.util.find_spec("psycopg") is None:
+        return (psycopg2.OperationalError,)
+    # Not a plain import: psycopg2-only installs type-check this module too.
+    psycopg: Any = importlib.import_module("psycopg")
+    return (psycopg2.OperationalError, psycopg.OperationalError)
+
+
+class PoolError(*_bases()):  # type: ignore[misc]
     """Base class of every error the pool raises itself."""
+
+    # psycopg's Error sets these in its __init__, which psycopg2's (first in the MRO) does
+    # not call: without them its pgconn, pgresult and diag properties would raise
+    # AttributeError instead of saying there is no connection or result.
+    _info: Any = None
+    _pgconn: Any = None
+    _encoding = "utf-8"
 
 
 class PoolTimeout(PoolError):

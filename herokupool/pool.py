@@ -1,8 +1,8 @@
 """A thread-safe, fork-safe pool of DB-API connections.
 
-This module knows nothing about Django.  It is given a ``connect()`` callable that
-opens one psycopg2 connection (already in autocommit) and a clock, and it lends those
-connections out:
+This module knows nothing about Django, nor about which driver it pools.  It is given a
+``connect()`` callable that opens one connection (psycopg2 or psycopg 3, already in
+autocommit) and a clock, and it lends those connections out:
 
 - ``borrow()`` hands out an idle connection (the most recently used first, so extra
   connections go idle and can be closed), opens a new one while fewer than
@@ -34,11 +34,11 @@ Promises kept at every step, which the tests check one by one:
   meets it or by the pool's thread within about a second, with a warning; and
   ``borrows == releases + in_use`` holds by construction.
 
-The connections must provide the small part of psycopg2's connection interface the
-pool uses: ``closed``, ``autocommit``, ``get_transaction_status()``, ``rollback()``,
-``close()``, ``cursor()``, ``fileno()``, ``poll()``, ``notifies``, ``notices``,
-``isolation_level``/``readonly``/``deferrable`` and ``set_session()``, and accept weak
-references.
+Everything that differs between drivers (errors, transaction status, the socket, reading
+an idle socket, rollback, session characteristics) is asked of a
+:class:`~herokupool.drivers.Driver`, the one place that knows psycopg2 from psycopg 3; this
+module only calls ``close()`` and reads ``autocommit`` itself.  The connections must
+accept weak references.
 """
 
 from __future__ import annotations
@@ -55,27 +55,19 @@ from _thread import get_ident
 from collections.abc import Callable, Iterator
 from typing import Any, Final
 
-import psycopg2
-from psycopg2 import extensions as ext
-
-from herokupool import _fork
+from herokupool import _fork, drivers
 from herokupool._deadline import Deadline
 from herokupool._entries import Entries, Entry, State
 from herokupool._housekeeping import FILL, REPAIR, STOP, work
 from herokupool._waiting import Outcome, Waiter, WaitingLine
+from herokupool.drivers import IDLE as _TX_IDLE
+from herokupool.drivers import INERROR as _TX_INERROR
+from herokupool.drivers import INTRANS as _TX_INTRANS
+from herokupool.drivers import Driver
 from herokupool.errors import PoolClosed, PoolOverloaded, PoolTimeout
 from herokupool.metrics import MetricsReporter, WaitWindow
 
 __all__ = ["ConnectionPool"]
-
-#: What a driver raises for a broken, closed or refused connection, which the pool turns into a
-#: discard.  Anything else reaching the pool's handlers in a borrower's thread is an
-#: interruption (a signal handler's exception: Celery's SoftTimeLimitExceeded is an
-#: Exception): the pool cleans up as for any interruption and lets it propagate, never
-#: swallowing it.
-_DRIVER_ERRORS: Final = (psycopg2.Error, OSError)
-#: What ``prepare_release`` raises for a session it cannot make new again.
-_NOT_REUSABLE: Final = (ValueError, *_DRIVER_ERRORS)
 
 logger = logging.getLogger("herokupool.pool")
 
@@ -132,8 +124,15 @@ class ConnectionPool:
     sent: it restores what the borrower changed on the client side and returns SQL that
     undoes what it changed in the session (run after the rollback, with ``cleanup``, in
     one round trip), or None; an exception from it closes the connection.  It replaces
-    the reset of psycopg2's session characteristics (isolation level, read only,
+    the reset of the driver's session characteristics (isolation level, read only,
     deferrable) done without it.  Must not block or do I/O.
+
+    ``driver`` is the :class:`~herokupool.drivers.Driver` for the connections ``connect()``
+    returns, or its name (``"psycopg2"``, ``"psycopg"``).  Left None, the pool picks it from
+    the first connection it opens (:func:`herokupool.drivers.for_connection`: the package
+    that defines its class), which is right for any connection either driver makes,
+    subclasses included; a ``connect()`` returning connections of both drivers is not
+    supported.
     """
 
     def __init__(
@@ -156,6 +155,7 @@ class ConnectionPool:
         clock: Callable[[], float] = time.monotonic,
         background: bool = True,
         describe_holder: Callable[[int], str | None] | None = None,
+        driver: Driver | str | None = None,
     ) -> None:
         if max_conns < 1:
             raise ValueError(f"pool {name!r}: max_conns ({max_conns}) must be at least 1")
@@ -185,6 +185,9 @@ class ConnectionPool:
         self.prepare_release = prepare_release
         self.describe_holder = describe_holder
         self._connect = connect
+        # Until the first connection is attached: a Driver that knows nothing (no
+        # connection can reach it).
+        self._driver = drivers.get(driver) if isinstance(driver, str) else driver or _UNDECIDED
         self._clock = clock
         self._background = background
         self._init_state()
@@ -403,7 +406,8 @@ class ConnectionPool:
         conn = entry.conn
         if entry.state is not _RESERVED or conn is None:
             return "moved"  # put right meanwhile: try another one
-        if conn.closed:
+        driver = self._driver
+        if driver.closed(conn):
             return "closed"
         now = self._clock()
         if now >= entry.expires_at:
@@ -411,13 +415,13 @@ class ConnectionPool:
         readable = entry.readable()
         if readable and entry.poller is not None:
             # Something arrived while idle: a notification, a parameter change, or the
-            # server's goodbye.  poll() reads it (raising when it sees the close); the query
-            # below tells a FATAL whose close has not arrived yet from a notification.
+            # server's goodbye.  read_input() reads it (raising when it sees the close); the
+            # query below tells a FATAL whose close has not arrived yet from a notification.
             try:
-                conn.poll()
-            except _DRIVER_ERRORS as error:
+                driver.read_input(conn)
+            except driver.errors as error:
                 return f"closed ({_first_line(error)})"
-            _forget_messages(conn)
+            driver.forget_messages(conn)
         if not (
             readable
             or self.test_on_borrow
@@ -428,16 +432,15 @@ class ConnectionPool:
         with self._lock:
             self._counters[VALIDATIONS] += 1
         try:
-            limit = Deadline(conn.fileno(), max(deadline - now, _MIN_QUERY_TIME))
-        except _DRIVER_ERRORS:
+            limit = Deadline(driver.fileno(conn), max(deadline - now, _MIN_QUERY_TIME))
+        except driver.errors:
             return "closed"
         try:
             with limit:
                 if not conn.autocommit:  # never let the check open a transaction
                     conn.autocommit = True
-                with conn.cursor() as cursor:
-                    cursor.execute("SELECT 1")
-        except _DRIVER_ERRORS as error:
+                driver.execute(conn, "SELECT 1")
+        except driver.errors as error:
             if limit.disarm():
                 return "validation got no answer in time; the connection was cut"
             return f"validation failed: {_first_line(error)}"
@@ -470,7 +473,7 @@ class ConnectionPool:
                 entry.stack = traceback.format_stack()[:-3]
             return conn
         if close is not None:
-            _close_quietly(close)
+            self._close_quietly(close)
         if closed:
             raise PoolClosed(f"pool {self.name!r} was closed while lending a connection")
         if problem not in ("recycled", "moved"):
@@ -489,9 +492,9 @@ class ConnectionPool:
         conn = self._connect_in(entry)
         try:
             now = self._clock()
-            entry.attach(conn, now, self.max_lifetime, self._on_lost)
+            self._attach(entry, conn, now)
         except BaseException:
-            _close_quietly(conn)
+            self._close_quietly(conn)
             raise
         with self._lock:
             self._opened()
@@ -504,7 +507,7 @@ class ConnectionPool:
             else:  # put right meanwhile (cannot happen while we own it): do not lend it
                 lent = None
         if lent is None:
-            _close_quietly(conn)
+            self._close_quietly(conn)
             raise PoolClosed(f"pool {self.name!r} was closed while opening a connection")
         logger.debug("pool %r: opened a connection", self.name)
         if started is not None:
@@ -513,6 +516,15 @@ class ConnectionPool:
         if self.leak_threshold is not None:
             entry.stack = traceback.format_stack()[:-3]
         return lent
+
+    def _attach(self, entry: Entry, conn: Any, now: float) -> None:
+        """Record a connection just opened in its slot; the first one decides the driver."""
+        driver = self._driver
+        if driver is _UNDECIDED:
+            # Outside the lock: threads attaching their first connections at once all
+            # find the same driver, and the assignment is atomic.
+            driver = self._driver = drivers.for_connection(conn)
+        entry.attach(conn, now, self.max_lifetime, self._on_lost, driver.fileno)
 
     def _connect_in(self, entry: Entry) -> Any:
         try:
@@ -546,7 +558,7 @@ class ConnectionPool:
             if entry is not None and entry.owner is not None and entry.owner() is waiter:
                 close = self._put_right(entry)
         if close is not None:
-            _close_quietly(close)
+            self._close_quietly(close)
 
     def _put_right(self, entry: Entry) -> Any:
         """Move on an entry whose owner left; return a connection to close outside the
@@ -643,10 +655,7 @@ class ConnectionPool:
             problem = self._reset(conn, cleanup)
             if problem is None:
                 # What the borrower left unread must not reach the next one, nor grow.
-                if conn.notifies:
-                    conn.notifies.clear()
-                if conn.notices:
-                    conn.notices.clear()
+                self._driver.forget_messages(conn)
             now = self._clock()
         except BaseException:
             # Interrupted while cleaning: the session's state is unknown.
@@ -677,7 +686,7 @@ class ConnectionPool:
                 return
             self._entries.remove(entry)
             self._counters[CONNECTIONS_CLOSED] += 1
-        _close_quietly(conn)
+        self._close_quietly(conn)
 
     def release_later(self, conn: Any, *, cleanup: str | None = None) -> None:
         """Have the pool's own thread release ``conn`` soon (with ``cleanup``, as
@@ -715,106 +724,95 @@ class ConnectionPool:
                 self._counters[counter] += 1
                 self._wake_for_slot()
         logger.debug("pool %r: closed a connection (%s)", self.name, reason)
-        _close_quietly(conn)
+        self._close_quietly(conn)
         if sweep:
             self._sweep()
 
     def _reset(self, conn: Any, cleanup: str | None) -> str | None:
         """Make ``conn`` ready for the next borrower; say why not when it cannot be."""
-        if conn.closed:
+        driver = self._driver
+        if driver.closed(conn):
             return "lost"
-        status = conn.get_transaction_status()
-        if status not in (
-            ext.TRANSACTION_STATUS_IDLE,
-            ext.TRANSACTION_STATUS_INTRANS,
-            ext.TRANSACTION_STATUS_INERROR,
-        ):
-            # ACTIVE (a query still running) or UNKNOWN (a broken socket).
-            return (
-                "lost" if conn.closed else f"transaction status {_STATUS_NAMES.get(status, status)}"
-            )
-        in_transaction = status != ext.TRANSACTION_STATUS_IDLE
+        status = driver.transaction_status(conn)
+        if status == _TX_IDLE:
+            in_transaction = False
+        elif status in (_TX_INTRANS, _TX_INERROR):
+            in_transaction = True
+        else:
+            # ACTIVE (a query still running), UNKNOWN (a broken socket) or HELD (a
+            # transaction block of the driver's own is still open).
+            if driver.closed(conn):
+                return "lost"
+            return f"transaction status {drivers.status_name(status)}"
         if self.prepare_release is None:
-            session = (
-                conn.isolation_level is not None
-                or conn.readonly is not None
-                or conn.deferrable is not None
-            )
+            session = driver.session_changed(conn)
         else:
             # The hook knows what the loan changed: its undo runs after the rollback.
             session = False
             try:
                 undo = self.prepare_release(conn)
-            except _NOT_REUSABLE as error:
+            except driver.not_reusable as error:
                 return f"it cannot be made new again: {_first_line(error)}"
             if undo:
                 cleanup = undo if cleanup is None else f"{cleanup}; {undo}"
         if not (in_transaction or cleanup or self.reset or session or not conn.autocommit):
             return None  # the common case: nothing to undo, no round trip
         try:
-            limit = Deadline(conn.fileno(), self.timeout)
-        except _DRIVER_ERRORS:
+            limit = Deadline(driver.fileno(conn), self.timeout)
+        except driver.errors:
             return "lost"
         try:
             with limit:
-                if in_transaction and not conn.autocommit:
-                    conn.rollback()  # psycopg2's own transaction
-                if not conn.autocommit:
-                    conn.autocommit = True
-                if conn.get_transaction_status() != ext.TRANSACTION_STATUS_IDLE:
-                    # Opened with a raw BEGIN in autocommit: psycopg2's rollback() does
-                    # nothing then, because it did not open it.
-                    with conn.cursor() as cursor:
-                        cursor.execute("ROLLBACK")
+                if in_transaction or not conn.autocommit:
+                    driver.end_transaction(conn)  # a raw BEGIN in autocommit too
                 if session:
-                    conn.set_session(
-                        isolation_level="DEFAULT", readonly="DEFAULT", deferrable="DEFAULT"
-                    )
+                    driver.reset_session(conn)
                 for sql in (cleanup, self.reset):
                     if sql:
-                        with conn.cursor() as cursor:
-                            cursor.execute(sql)
-        except _DRIVER_ERRORS as error:
+                        driver.execute(conn, sql)
+        except driver.errors as error:
             if limit.disarm():
                 return "cleaning it got no answer in time; the connection was cut"
-            if conn.closed:
+            if driver.closed(conn):
                 return "lost"
             return f"reset failed: {_first_line(error)}"
         finally:
             limit.disarm()  # also when interrupted inside __enter__
         if limit.expired:
             return "cleaning it got no answer in time; the connection was cut"
-        if conn.get_transaction_status() != ext.TRANSACTION_STATUS_IDLE:
+        if driver.transaction_status(conn) != _TX_IDLE:
             return "a transaction could not be ended"
         return None
 
     def _sweep(self) -> int:
         """One connection was found dead: take out the idle ones that died too (a server
         restart ends them all), by a zero-timeout poll each.  A readable socket is not a
-        dead one (a notification, a parameter change): ``conn.poll()`` reads what is there
-        and raises only for a closed connection, outside the lock.  Healthy ones stay, so
-        one killed backend costs one reconnect.  Returns how many were dead."""
+        dead one (a notification, a parameter change): the driver's ``read_input()`` reads
+        what is there and raises only for a closed connection, outside the lock.  Healthy
+        ones stay, so one killed backend costs one reconnect.  Returns how many were dead."""
         token = Waiter()  # owns the suspects while they are polled
         owner = weakref.ref(token, self._on_lost)
         with self._lock:
             now = self._clock()
-            suspects = [e for e in self._entries.idle if e.conn.closed or e.readable()]
+            closed = self._driver.closed
+            suspects = [e for e in self._entries.idle if closed(e.conn) or e.readable()]
             for entry in suspects:
                 self._entries.move(entry, _RESERVED, owner, now)
         if not suspects:
             del owner  # before the token, so its callback never runs
             return 0
         alive: list[Entry] = []
+        driver = self._driver
         try:
             for entry in suspects:
                 conn = entry.conn
-                if conn.closed or entry.poller is None:
+                if driver.closed(conn) or entry.poller is None:
                     continue
                 try:
-                    conn.poll()
+                    driver.read_input(conn)
                 except Exception:
                     continue
-                _forget_messages(conn)
+                driver.forget_messages(conn)
                 alive.append(entry)
         finally:
             dead = []
@@ -833,7 +831,7 @@ class ConnectionPool:
             # so a sweep that finished leaves no repair behind.
             del owner
             for conn in dead:
-                _close_quietly(conn)
+                self._close_quietly(conn)
         if dead:
             logger.warning("pool %r: %d idle connection(s) found dead", self.name, len(dead))
         del token
@@ -855,7 +853,7 @@ class ConnectionPool:
             self._line.close()
         self._tasks.put(STOP)
         for conn in idle:
-            _close_quietly(conn)
+            self._close_quietly(conn)
         if self._worker is None:
             self._run_tasks()  # connections given to release_later
         logger.debug("pool %r: closed", self.name)
@@ -892,7 +890,7 @@ class ConnectionPool:
                         entry.stack = None  # report each borrow once
                 self._counters[LEAKS] += len(leaks)
         for conn in expired:
-            _close_quietly(conn)
+            self._close_quietly(conn)
         if expired:
             logger.info("pool %r: closed %d expired idle connection(s)", self.name, len(expired))
         # Idle connections the server ended meanwhile (pg_terminate_backend,
@@ -924,7 +922,7 @@ class ConnectionPool:
             self._wake_for_slot(refill=False)  # _put_right asked for a refill if one is due
         for _, conn in repaired:
             if conn is not None:
-                _close_quietly(conn)
+                self._close_quietly(conn)
         if drift:
             logger.warning("pool %r: repaired its books: %s", self.name, "; ".join(drift))
         if ghosts:
@@ -984,9 +982,9 @@ class ConnectionPool:
                 return  # logged; the next maintenance run tries again
             try:
                 now = self._clock()
-                entry.attach(conn, now, self.max_lifetime, self._on_lost)
+                self._attach(entry, conn, now)
             except BaseException:
-                _close_quietly(conn)
+                self._close_quietly(conn)
                 raise
             with self._lock:
                 self._opened()
@@ -996,7 +994,7 @@ class ConnectionPool:
                 else:
                     self._hand_on(entry, conn, now, bottom=True)
             if closed:
-                _close_quietly(conn)
+                self._close_quietly(conn)
                 return
 
     def _start_worker(self) -> None:
@@ -1026,15 +1024,21 @@ class ConnectionPool:
 
     def _after_fork_in_child(self) -> None:
         """Forget everything inherited from the parent, closing nothing."""
+        inherited = []
         for entry in self._entries.all:
             conn = entry.conn if entry.conn is not None else entry.ref() if entry.ref else None
             if conn is not None:
-                _inherited.append(conn)
-        for conn in _inherited:
-            _detach_socket(conn)
+                inherited.append(conn)
+        for conn in inherited:
+            _detach_socket(conn, self._driver)  # this pool's own: its driver knows them
+        _inherited.extend(inherited)
         closed = self._closed
         self._init_state()  # new lock, entries and queues; no background thread yet
         self._closed = closed
+
+    def _close_quietly(self, conn: Any) -> None:
+        with contextlib.suppress(*self._driver.errors):
+            conn.close()
 
     # ------------------------------------------------------------------ stats
 
@@ -1069,10 +1073,7 @@ _REPAIRED = {
     State.IDLE: "",
 }
 
-_STATUS_NAMES = {
-    ext.TRANSACTION_STATUS_ACTIVE: "ACTIVE",
-    ext.TRANSACTION_STATUS_UNKNOWN: "UNKNOWN",
-}
+_UNDECIDED: Final = Driver()
 
 _live_pools: weakref.WeakSet[ConnectionPool] = weakref.WeakSet()
 
@@ -1092,7 +1093,7 @@ _fork.in_child(_fork.POOLS, "pools", _after_fork_in_child)
 _devnull: int | None = None
 
 
-def _detach_socket(conn: Any) -> None:
+def _detach_socket(conn: Any, driver: Driver) -> None:
     """Point an inherited connection's descriptor at /dev/null.
 
     The child then holds no reference to the parent's socket, and whatever the driver
@@ -1100,27 +1101,13 @@ def _detach_socket(conn: Any) -> None:
     """
     global _devnull
     try:
-        fd = conn.fileno()
+        fd = driver.fileno(conn)
         if _devnull is None:
             _devnull = os.open(os.devnull, os.O_RDWR)
         if fd != _devnull:
             os.dup2(_devnull, fd)
     except Exception:
         pass
-
-
-def _forget_messages(conn: Any) -> None:
-    """Drop the notifications and notices a borrower left unread: the next one must not
-    see them, and nothing may grow without bound on a pooled connection."""
-    if conn.notifies:
-        conn.notifies.clear()
-    if conn.notices:
-        conn.notices.clear()
-
-
-def _close_quietly(conn: Any) -> None:
-    with contextlib.suppress(*_DRIVER_ERRORS):
-        conn.close()
 
 
 def _first_line(error: BaseException) -> str:

@@ -54,10 +54,12 @@ statement that starts with a keyword of the table, holds a ``;`` or mentions
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from typing import Final
 
 __all__ = [
     "CURSOR",
+    "FORGETS",
     "GUC",
     "LISTEN",
     "LOAD",
@@ -67,6 +69,9 @@ __all__ = [
     "ROLE_RESET",
     "TEMP",
     "changes",
+    "changes_and_forgets",
+    "forgets_prepared",
+    "prepared_names",
     "undo",
 ]
 
@@ -81,6 +86,10 @@ CURSOR: Final = 64
 LOAD: Final = 128
 #: Not state to undo: a role assumed by the backend ended (see the module docstring).
 ROLE_RESET: Final = 256
+#: Not state to undo, reported by :func:`changes_and_forgets` only: the statement may make
+#: the server forget prepared statements (``DEALLOCATE``, ``DISCARD ALL``), which a driver
+#: that prepares statements itself must hear of (see :func:`forgets_prepared`).
+FORGETS: Final = 512
 
 #: The undo for each flag, in the order sent: the session's own user first, so that the
 #: rest runs with the privileges the session started with.
@@ -162,6 +171,25 @@ def changes(sql: str) -> int:
     ):
         return _read(text)
     return 0
+
+
+def changes_and_forgets(sql: str) -> int:
+    """:func:`changes`, plus :data:`FORGETS` for a statement that may make the server
+    forget prepared statements: for psycopg 3, which keeps its own (one ``lower()`` for
+    both questions)."""
+    text = sql.lower()
+    flags = 0
+    if (
+        "temp" in text
+        or "set_config" in text
+        or "advisory" in text
+        or ";" in text
+        or text.lstrip().startswith(_KEYWORDS)
+    ):
+        flags = _read(text)
+    if "dealloc" in text or "discard" in text:
+        flags |= FORGETS
+    return flags
 
 
 def _read(text: str) -> int:
@@ -253,9 +281,76 @@ def _is_local(text: str, start: int) -> bool:
     return False
 
 
-def undo(flags: int) -> str | None:
+def undo(flags: int, prepared: Collection[str] | None = None) -> str | None:
     """The SQL that takes a session back to a new one's state for ``flags``, as one
     string for one round trip, or None when there is nothing to undo.  ``LOAD`` cannot
-    be undone: the caller closes the session instead."""
-    parts = [sql for flag, sql in _UNDO if flags & flag]
+    be undone: the caller closes the session instead.
+
+    ``prepared``: the names of the statements the loan ``PREPARE``d, for a driver that
+    prepares statements of its own (psycopg 3), whose statements ``DEALLOCATE ALL`` would
+    drop behind its back: ``PREPARE`` is then undone by name (a name already gone is
+    skipped, so an undo never fails for it).  None: ``DEALLOCATE ALL``."""
+    parts = []
+    for flag, sql in _UNDO:
+        if flags & flag:
+            if flag == PREPARE and prepared is not None:
+                if not prepared:
+                    continue
+                sql = _deallocate(prepared)
+            parts.append(sql)
     return "; ".join(parts) if parts else None
+
+
+def _deallocate(names: Collection[str]) -> str:
+    # A DO block rather than DEALLOCATE x: the driver's own DEALLOCATE ALL (psycopg 3 sends
+    # one after a rollback) may have dropped x already, and a failing undo closes the
+    # session.  Names are literals inside the block's own dollar quote, which they cannot
+    # hold (prepared_names() refuses a name with a dollar sign).
+    listed = ", ".join("'" + name.replace("'", "''") + "'" for name in sorted(names))
+    return (
+        "DO $herokupool$DECLARE n text; BEGIN FOR n IN SELECT name FROM pg_prepared_statements"
+        f" WHERE name IN ({listed}) LOOP EXECUTE format('DEALLOCATE %I', n); END LOOP;"
+        " END$herokupool$"
+    )
+
+
+# PREPARE name / DEALLOCATE [PREPARE] name|ALL, each statement's first words (read on the
+# text as sent: a quoted name keeps its case).
+_PREPARE_NAME = re.compile(
+    r'(?:^|;)\s*prepare\s+("(?:[^"]|"")+"|[a-z_][a-z0-9_]*)\s*(?:\(|as\b)', re.IGNORECASE
+)
+_DEALLOCATE = re.compile(
+    r'(?:^|;)\s*deallocate\s+(?:prepare\s+)?("(?:[^"]|"")+"|[a-z_][a-z0-9_]*)', re.IGNORECASE
+)
+_DISCARD_ALL = re.compile(r"\bdiscard\s+all\b")
+
+
+def _name(token: str) -> str:
+    if token.startswith('"'):
+        return token[1:-1].replace('""', '"')
+    return token.lower()
+
+
+def prepared_names(sql: str) -> list[str] | None:
+    """The names of the statements ``sql`` (which :func:`changes` found to ``PREPARE``)
+    prepares, or None when they cannot all be read (a comment between the words, a name
+    with a dollar sign): the caller then undoes with ``DEALLOCATE ALL``."""
+    found = [_name(token) for token in _PREPARE_NAME.findall(sql)]
+    prepares = sql.lower().count("prepare")
+    if not found or len(found) < prepares or any("$" in name for name in found):
+        return None
+    return found
+
+
+def forgets_prepared(sql: str) -> tuple[bool, list[str]]:
+    """What ``sql`` makes the server forget of its prepared statements:
+    ``(everything, names)``, ``everything`` for ``DEALLOCATE ALL``, ``DISCARD ALL`` or a
+    ``DEALLOCATE`` that cannot be read.  Cheap for a statement that says neither word."""
+    text = sql.lower()
+    if "dealloc" not in text and "discard" not in text:
+        return False, []
+    if _DISCARD_ALL.search(_NOISE.sub(" ", text)):
+        return True, []
+    names = [_name(token) for token in _DEALLOCATE.findall(sql)]
+    everything = "all" in names or len(names) < text.count("deallocate")
+    return everything, [name for name in names if name != "all"]

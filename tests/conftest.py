@@ -16,6 +16,10 @@ virtualenv decides which driver a run tests. HEROKUPOOL_TEST_DRIVER (psycopg2 or
 by `make test-psycopg2` / `make test-psycopg3` and by every tox cell) names the one the run is
 meant for: the session refuses to start when Django loaded the other, so a run can never test
 the wrong driver silently. pytest's header names the driver loaded.
+
+A test of something only one driver has (psycopg2's ``cursor_factory`` classes, psycopg 3's
+``Connection.execute``) is marked ``psycopg2_only`` or ``psycopg3_only`` and *deselected* on
+the other driver: it is not a skip, there is nothing to run.
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ def loaded_driver() -> str:
     return "psycopg3" if is_psycopg3 else "psycopg2"
 
 
-def pytest_configure(config: pytest.Config) -> None:
+def check_driver() -> None:
+    """Refuse the session when Django loaded another driver than HEROKUPOOL_TEST_DRIVER names."""
     expected = os.environ.get("HEROKUPOOL_TEST_DRIVER", "")
     if not expected:
         return
@@ -87,6 +92,31 @@ def require(available: bool, what: str) -> None:
     if REQUIRE_SERVICES:
         pytest.fail(f"{what} is required (HEROKUPOOL_REQUIRE_SERVICES=1) but missing")
     pytest.skip(f"{what} is not available")
+
+
+#: Markers of tests that exist for one driver only -> whether that driver is the one in use.
+DRIVER_MARKERS = {"psycopg2_only": False, "psycopg3_only": True}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    check_driver()
+    config.addinivalue_line("markers", "psycopg2_only: runs on psycopg2 only (else deselected)")
+    config.addinivalue_line("markers", "psycopg3_only: runs on psycopg 3 only (else deselected)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    from django.db.backends.postgresql.psycopg_any import is_psycopg3
+
+    keep, drop = [], []
+    for item in items:
+        wrong = any(
+            item.get_closest_marker(name) is not None and needs_psycopg3 != is_psycopg3
+            for name, needs_psycopg3 in DRIVER_MARKERS.items()
+        )
+        (drop if wrong else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -19,12 +19,20 @@ from urllib.parse import urlsplit
 
 import dj_database_url
 import pytest
-from django.db import connections
+from django.db import InterfaceError, OperationalError, connections
 from django.db.backends.base.base import BaseDatabaseWrapper
+from django.db.backends.postgresql.psycopg_any import is_psycopg3
 
 from herokupool import registry
 
 pytestmark = pytest.mark.integration
+
+#: What using a closed connection raises through Django on the driver in use, and its
+#: message: what the stock engine raises after its connection was closed.
+CLOSED_ERROR: type[Exception] = OperationalError if is_psycopg3 else InterfaceError
+CLOSED_MESSAGE = "the connection is closed" if is_psycopg3 else "connection already closed"
+#: libpq's transaction status (psycopg2 and psycopg 3 number them alike).
+IDLE, INTRANS, INERROR = 0, 2, 3
 
 MakeWrapper = Callable[..., BaseDatabaseWrapper]
 MakeCluster = Callable[..., Any]
@@ -90,6 +98,16 @@ def backend_pid(wrapper: BaseDatabaseWrapper) -> int:
     with wrapper.cursor() as cursor:
         cursor.execute("SELECT pg_backend_pid()")
         return int(cursor.fetchone()[0])
+
+
+def raw_backend_pid(conn: Any) -> int:
+    """The backend pid libpq knows for a raw connection of either driver (no query)."""
+    return int(conn.info.backend_pid)
+
+
+def transaction_status(conn: Any) -> int:
+    """libpq's transaction status of a raw connection of either driver (no query)."""
+    return int(conn.info.transaction_status)
 
 
 def dbname(url: str) -> str:

@@ -10,15 +10,22 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import psycopg2
 import pytest
 from django.db import OperationalError, ProgrammingError
-from psycopg2 import extensions as ext
+from django.db.backends.postgresql.psycopg_any import IsolationLevel
 
 import herokupool
 from herokupool import registry
 from herokupool.errors import PoolTimeout
-from tests.integration.conftest import MakeWrapper, backend_pid, pids_of
+from tests.integration.conftest import (
+    IDLE,
+    INERROR,
+    MakeWrapper,
+    backend_pid,
+    pids_of,
+    raw_backend_pid,
+    transaction_status,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -160,7 +167,7 @@ def test_uncommitted_writes_are_rolled_back_on_release(
         wrapper.close()  # inside the open transaction
         reader = make_wrapper(MAX_CONNS=1)
         assert backend_pid(reader) == pid
-        assert reader.connection.get_transaction_status() == ext.TRANSACTION_STATUS_IDLE
+        assert transaction_status(reader.connection) == IDLE
         assert reader.get_autocommit() is True
         assert count_rows(reader, name) == 0
         reader.close()
@@ -173,17 +180,12 @@ def test_a_failed_transaction_is_rolled_back_on_release(make_wrapper: MakeWrappe
     wrapper.set_autocommit(False)
     with pytest.raises(ProgrammingError), wrapper.cursor() as cursor:
         cursor.execute("SELECT * FROM no_such_table_anywhere")
-    assert wrapper.connection.get_transaction_status() == ext.TRANSACTION_STATUS_INERROR
-    pid = backend_pid_raw(wrapper.connection)
+    assert transaction_status(wrapper.connection) == INERROR
+    pid = raw_backend_pid(wrapper.connection)  # a failed transaction refuses queries
     wrapper.close()
     again = make_wrapper(MAX_CONNS=1)
     assert backend_pid(again) == pid
-    assert again.connection.get_transaction_status() == ext.TRANSACTION_STATUS_IDLE
-
-
-def backend_pid_raw(conn: Any) -> int:
-    # A failed transaction refuses queries: read the pid libpq already knows.
-    return int(conn.get_backend_pid())
+    assert transaction_status(again.connection) == IDLE
 
 
 def test_commits_persist_and_a_rolled_back_savepoint_does_not(
@@ -271,7 +273,7 @@ def test_validation_query_runs_only_after_the_idle_window(make_wrapper: MakeWrap
 
 
 def test_session_setup_is_reapplied_on_every_borrow(make_wrapper: MakeWrapper) -> None:
-    wrapper = make_wrapper(MAX_CONNS=1, isolation_level=ext.ISOLATION_LEVEL_SERIALIZABLE)
+    wrapper = make_wrapper(MAX_CONNS=1, isolation_level=IsolationLevel.SERIALIZABLE)
     wrapper.set_autocommit(False)
     with wrapper.cursor() as cursor:
         cursor.execute("SHOW transaction_isolation")
@@ -279,7 +281,7 @@ def test_session_setup_is_reapplied_on_every_borrow(make_wrapper: MakeWrapper) -
         cursor.execute("SET TIME ZONE 'Asia/Tokyo'")
     wrapper.rollback()
     wrapper.close()
-    plain = make_wrapper(MAX_CONNS=1, isolation_level=ext.ISOLATION_LEVEL_SERIALIZABLE)
+    plain = make_wrapper(MAX_CONNS=1, isolation_level=IsolationLevel.SERIALIZABLE)
     with plain.cursor() as cursor:
         cursor.execute("SHOW TIME ZONE")
         assert cursor.fetchone()[0] == "UTC", "Django re-sets the time zone on borrow"
@@ -416,8 +418,11 @@ def test_connect_errors_from_the_driver_carry_no_password(
     assert secret not in repr(info.value.__cause__)
 
 
-def test_psycopg2_error_hierarchy_is_kept() -> None:
-    assert issubclass(PoolTimeout, psycopg2.OperationalError)
+def test_the_drivers_error_hierarchy_is_kept() -> None:
+    """A pool error is the driver's OperationalError, so Django wraps it as its own."""
+    from django.db.backends.postgresql.base import Database
+
+    assert issubclass(PoolTimeout, Database.OperationalError)
 
 
 def test_a_connection_kept_across_requests_is_health_checked_and_discarded(

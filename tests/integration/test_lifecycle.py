@@ -17,14 +17,14 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from django.db import DatabaseError, InterfaceError, connections, transaction
+from django.db import DatabaseError, connections, transaction
+from django.db.backends.postgresql.psycopg_any import IsolationLevel
 from django.db.backends.signals import connection_created
-from psycopg2 import extensions as ext
 
 import herokupool
 from herokupool import registry
 from tests.helpers import wait_until
-from tests.integration.conftest import MakeWrapper, backend_pid
+from tests.integration.conftest import CLOSED_ERROR, CLOSED_MESSAGE, MakeWrapper, backend_pid
 
 pytestmark = pytest.mark.integration
 
@@ -147,7 +147,7 @@ def test_assume_role_is_set_once_per_physical_connection(
 def test_the_isolation_level_and_jsonb_loader_hold_on_every_borrow(
     make_wrapper: MakeWrapper,
 ) -> None:
-    wrapper = make_wrapper(MAX_CONNS=1, isolation_level=ext.ISOLATION_LEVEL_SERIALIZABLE)
+    wrapper = make_wrapper(MAX_CONNS=1, isolation_level=IsolationLevel.SERIALIZABLE)
     for _ in range(3):
         assert wrapper.get_autocommit() is True
         wrapper.set_autocommit(False)
@@ -235,12 +235,12 @@ def test_close_inside_atomic_still_refuses_to_reconnect_until_the_block_ends(
             wrapper.close()  # e.g. close_old_connections() from a signal, mid-block
             assert wrapper._herokupool_pool is None, "the physical connection went back"
             # As with Django's own backend: no silent reconnect inside the block.
-            with pytest.raises(InterfaceError, match="connection already closed"):
+            with pytest.raises(CLOSED_ERROR, match=CLOSED_MESSAGE):
                 request(wrapper, "SELECT 1")
         assert request(wrapper, "SELECT 2") == 2
         with transaction.atomic(using=wrapper.alias):
             request(wrapper, "SELECT 3")  # request_finished inside a block: Django closes
-            with pytest.raises(InterfaceError, match="connection already closed"):
+            with pytest.raises(CLOSED_ERROR, match=CLOSED_MESSAGE):
                 request(wrapper, "SELECT 4")
     finally:
         del connections[wrapper.alias]
@@ -288,7 +288,7 @@ def test_an_interrupted_release_leaves_the_wrapper_no_usable_reference(
                 with pytest.raises(Interrupted):
                     wrapper.close()
                 assert wrapper.connection is not stale
-                with pytest.raises(InterfaceError, match="connection already closed"):
+                with pytest.raises(CLOSED_ERROR, match=CLOSED_MESSAGE):
                     request(wrapper, "SELECT 1")
                 raise Interrupted  # leave the block
     finally:

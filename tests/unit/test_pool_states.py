@@ -360,7 +360,7 @@ def test_the_lent_index_follows_the_live_connection_when_a_lost_ones_id_is_reuse
     lost, live = FakeConnection(), FakeConnection()
     stale, fresh = Entry(0.0, None), Entry(0.0, None)
     for entry, conn in ((stale, lost), (fresh, live)):
-        entry.attach(conn, 0.0, None, lambda ref: None)
+        entry.attach(conn, 0.0, None, lambda ref: None, FakeConnection.fileno)
         entries.add(entry)
         entries.lend(entry, 0.0, 1)
     del lost  # the borrower dropped it: the stale entry's weak reference is dead

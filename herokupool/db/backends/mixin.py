@@ -30,25 +30,23 @@ import threading
 import weakref
 from typing import TYPE_CHECKING, Any
 
-import psycopg2
-import psycopg2.extensions
-import psycopg2.extras
+from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.db.backends.base.base import NO_DB_ALIAS
 from django.db.backends.postgresql.psycopg_any import IsolationLevel, is_psycopg3
 
-from herokupool import _fork, registry, tracked
+from herokupool import _fork, registry
 from herokupool._redact import SECRET_KEYS
 from herokupool.config import MISSING_ENV_KEY, missing_env_error, with_ssl_hint
 from herokupool.options import POOL_SETTINGS, OptionError, parse_options, split_options
 from herokupool.pool import ConnectionPool
 
+# What differs between the drivers, in one module each (the same names): psycopg 3 when
+# Django's backend chose it (it is importable), else psycopg2.
 if is_psycopg3:  # pragma: no cover - depends on what is installed
-    raise ImproperlyConfigured(
-        "herokupool's backends run on psycopg2, but Django's PostgreSQL backend chose "
-        "psycopg 3 because the 'psycopg' package is installed. Uninstall psycopg, or use "
-        "Django's own pool (OPTIONS={'pool': True}) with psycopg 3 instead."
-    )
+    from herokupool.db.backends import _psycopg as driver
+else:  # pragma: no cover - depends on what is installed
+    from herokupool.db.backends import _psycopg2 as driver  # type: ignore[no-redef]
 
 if TYPE_CHECKING:
     from django.db.backends.postgresql.base import DatabaseWrapper as _Base
@@ -74,33 +72,15 @@ KEEPALIVE_DEFAULTS: dict[str, int] = {
 }
 
 
-def _open(params: dict[str, Any]) -> Any:
-    """Open one physical connection the way Django's own backend does, as a
-    :class:`~herokupool.tracked.TrackedConnection`."""
-    params = dict(params)
-    params["connection_factory"] = tracked.connection_class(params.get("connection_factory"))
-    conn = psycopg2.connect(**params)
-    # Idle pooled connections stay in autocommit, so nothing the pool runs on them
-    # (validation, reset) can leave a transaction open; Django sets it per borrow.
-    conn.autocommit = True
-    # What Django's get_new_connection() registers: skip psycopg2's json decoding,
-    # JSONField decodes itself.
-    psycopg2.extras.register_default_jsonb(conn_or_curs=conn, loads=_identity)
-    conn.mark_baseline()  # what every loan starts from: these typecasters, this cursor class
-    return conn
-
-
-def _identity(value: Any) -> Any:
-    return value
-
-
 class PooledDatabaseWrapperMixin(_Base):
     """Borrow connections from this process's pool instead of opening them."""
 
     _herokupool_unusable = False  # set while close() drops a connection a health check failed
-    # (settings_dict and OPTIONS as they were, the parameters made from them): Django
-    # asks for the parameters on every connect().
-    _herokupool_params: tuple[dict[str, Any], dict[str, Any], dict[str, Any]] | None = None
+    # (settings_dict and OPTIONS as they were, USE_TZ and the time zone, the parameters
+    # made from them): Django asks for the parameters on every connect().
+    _herokupool_params: (
+        tuple[dict[str, Any], dict[str, Any], tuple[bool, Any], dict[str, Any]] | None
+    ) = None
     _herokupool_last: tuple[dict[str, Any], dict[str, Any], ConnectionPool] | None = None
     # This wrapper's loan record, made at its first borrow and watched for the wrapper's
     # whole life by one finalizer (see _guard_against_orphans).
@@ -125,14 +105,17 @@ class PooledDatabaseWrapperMixin(_Base):
         settings_dict = self.settings_dict
         cached = self._herokupool_params
         # Django rebuilds the parameters from the settings on every connect(); they
-        # change only when the settings do (a test database's NAME, a settings override).
-        # A copy each time: a subclass may add to what it gets.
+        # change only when the settings do (a test database's NAME, a settings override;
+        # on psycopg 3 the adapters context follows USE_TZ and the time zone).  A copy
+        # each time: a subclass may add to what it gets.
+        zone = (settings.USE_TZ, self.timezone)
         if (
             cached is not None
+            and cached[2] == zone
             and cached[0] == settings_dict
             and cached[1] == settings_dict["OPTIONS"]
         ):
-            return dict(cached[2])
+            return dict(cached[3])
         if MISSING_ENV_KEY in settings_dict:
             error = missing_env_error(settings_dict)
             if error is not None:
@@ -146,6 +129,7 @@ class PooledDatabaseWrapperMixin(_Base):
         self._herokupool_params = (
             dict(settings_dict),
             copy.deepcopy(settings_dict["OPTIONS"]),
+            zone,
             dict(params),
         )
         return params
@@ -173,7 +157,7 @@ class PooledDatabaseWrapperMixin(_Base):
         # (not as the session's default_transaction_isolation, which behind PgBouncer in
         # transaction mode would stay on the server connection and reach other clients).
         # A pooled session keeps it between loans, so this sends nothing.
-        tracked.apply_isolation_level(conn, None if level is None else isolation_level)
+        driver.apply_isolation_level(conn, None if level is None else isolation_level)
         conn.begin_loan()
         return conn
 
@@ -201,9 +185,23 @@ class PooledDatabaseWrapperMixin(_Base):
         loan.held.append((pool, pool.borrow()))
         return loan.held[-1][1]
 
+    @property
+    def pool(self) -> None:
+        """Django's own psycopg 3 pool: never, with herokupool's engine (one pool per
+        alias; ``OPTIONS["pool"]`` is refused by the settings checks)."""
+        return None
+
+    def create_cursor(self, name: str | None = None) -> Any:
+        cursor = super().create_cursor(name)
+        if name and isinstance(self.connection, driver.TrackedConnection):
+            # Django builds psycopg 3's server-side cursors by calling their class, not
+            # through the connection: make it one of the loan's.
+            cursor = driver.adopt(self.connection, cursor)
+        return cursor
+
     def _set_autocommit(self, autocommit: bool) -> None:
         # Django sets autocommit on every connect(); a pooled connection is lent in
-        # autocommit already, and psycopg2 would send nothing for it: skip the call.
+        # autocommit already, and the driver would send nothing for it: skip the call.
         connection = self.connection
         if connection is not None and connection.autocommit == autocommit:
             return
@@ -213,7 +211,7 @@ class PooledDatabaseWrapperMixin(_Base):
         # Django's session set-up (time zone, assume_role) runs on every borrow, as on
         # every new connection; what it sends is the session's baseline, not a change
         # of the loan's for the release to undo.
-        if not isinstance(connection, tracked.TrackedConnection):
+        if not isinstance(connection, driver.TrackedConnection):
             return bool(super()._configure_connection(connection))  # type: ignore[misc]
         flags = connection.herokupool_flags
         try:
@@ -222,13 +220,12 @@ class PooledDatabaseWrapperMixin(_Base):
             connection.herokupool_flags = flags
 
     def _configure_timezone(self, connection: Any) -> bool:
-        # Django's own check, reading the TimeZone the server reports through
-        # get_parameter_status() rather than conn.info.parameter_status(), which
-        # allocates a ConnectionInfo on every connect().
-        if not isinstance(connection, tracked.TrackedConnection):
+        # Django's own check, reading the TimeZone the server reports without
+        # conn.info.parameter_status(), which allocates a ConnectionInfo on every connect().
+        if not isinstance(connection, driver.TrackedConnection):
             return bool(super()._configure_timezone(connection))  # type: ignore[misc]
         name = self.timezone_name
-        if name and connection.get_parameter_status("TimeZone") != name:
+        if name and driver.parameter_status(connection, "TimeZone") != name:
             with connection.cursor() as cursor:
                 cursor.execute(self.ops.set_time_zone_sql(), [name])
             return True
@@ -238,7 +235,7 @@ class PooledDatabaseWrapperMixin(_Base):
         # Django sends SET ROLE on every new connection; a pooled session that has the
         # role already (assumed by an earlier loan's set-up, and not changed since) is
         # left as it is, and one that has another is given this one.
-        if not isinstance(connection, tracked.TrackedConnection):
+        if not isinstance(connection, driver.TrackedConnection):
             return bool(super()._configure_role(connection))  # type: ignore[misc]
         role = self.settings_dict["OPTIONS"].get("assume_role") or None
         if connection.assumed_role == role:
@@ -290,15 +287,15 @@ class PooledDatabaseWrapperMixin(_Base):
         # And the time a dead network path can hold a slot (see KEEPALIVE_DEFAULTS); the
         # user's own values, from OPTIONS or the URL, are already in params and win.
         for key, value in KEEPALIVE_DEFAULTS.items():
-            if key == "tcp_user_timeout" and psycopg2.extensions.libpq_version() < 120000:
+            if key == "tcp_user_timeout" and driver.libpq_version() < 120000:
                 continue  # libpq < 12 refuses the keyword: every connect would fail
             params.setdefault(key, value)
         # with_ssl_hint: a server without SSL says herokupool required it because of DYNO.
-        connect = with_ssl_hint(lambda: _open(params), self.settings_dict)
+        connect = with_ssl_hint(lambda: driver.connect(params), self.settings_dict)
         return ConnectionPool(
             connect,
             name=self.alias,
-            prepare_release=tracked.prepare_release,
+            prepare_release=driver.release_hook(kwargs.get("reset")),
             describe_holder=_executor_hint,
             **kwargs,
         )
@@ -311,9 +308,10 @@ class PooledDatabaseWrapperMixin(_Base):
         # Forget before giving back: an exception landing anywhere below (a signal
         # handler's) must never leave the wrapper holding a connection another thread may
         # have next.  Inside an atomic block Django keeps self.connection after close()
-        # until the block ends: a stand-in that fails as a closed psycopg2 connection does,
-        # so the next query raises InterfaceError("connection already closed") as with
-        # Django's own backend (not ProgrammingError from a reconnect attempt).  If the
+        # until the block ends: a stand-in that fails as a closed connection of the driver
+        # does, so the next query raises what it raises with Django's own backend
+        # (psycopg2: InterfaceError("connection already closed")), not ProgrammingError
+        # from a reconnect attempt.  If the
         # exception lands before the pop, the loan still holds the connection and the
         # thread's end, the wrapper's collection or its next borrow gives it back.
         self.connection = _CLOSED if self.in_atomic_block else None
@@ -525,13 +523,13 @@ def _end_loan(conn: Any) -> None:
 
 class _ClosedConnection:
     """Stands for a connection closed inside an atomic block: every use fails as on a
-    closed psycopg2 connection."""
+    closed connection of the driver."""
 
     closed = 1
     autocommit = False
 
     def __getattr__(self, name: str) -> Any:
-        raise psycopg2.InterfaceError("connection already closed")
+        raise driver.closed_error()
 
 
 _CLOSED: Any = _ClosedConnection()

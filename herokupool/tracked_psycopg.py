@@ -1,0 +1,395 @@
+"""psycopg 3 connections that know what a loan did to them, and cursors that end with it.
+
+The psycopg 3 counterpart of :mod:`herokupool.tracked` (psycopg2), with the same
+promises.  The backend opens every pooled connection as a :class:`TrackedConnection`.
+Every cursor made on it (``conn.cursor()``, and so ``conn.execute()``, Django's cursors,
+a library's raw ones) becomes an instance of a subclass of its own class that
+
+- passes each statement (``execute``, ``executemany``, ``stream``, ``copy``) through
+  :func:`herokupool.session.changes` and records the session state it changes on the
+  connection, with the names of the statements it ``PREPARE``s;
+- belongs to the current loan: :meth:`TrackedConnection.end_loan` ends every cursor of
+  the loan before the connection can reach another borrower.  Its results are dropped
+  and its connection is replaced by a closed one, so every later call of any kind
+  (execute, fetch, iteration, scroll, copy, close) fails with psycopg's own
+  ``OperationalError("the connection is closed")`` without taking the connection's lock
+  or sending a byte.  The server's side of a ``WITH HOLD`` cursor is closed by the
+  release's ``CLOSE ALL``; any other one ended with its transaction.
+
+Cursors built by calling a cursor class directly (Django's ``ServerSideCursor``) are
+adopted by the backend (:meth:`TrackedConnection.adopt`).
+
+On release the pool calls :func:`prepare_release`, which restores what the loan changed
+on the client side (adapters registered on the connection, ``cursor_factory``,
+``server_cursor_factory``, ``row_factory``, ``prepare_threshold``, ``prepared_max``, notice
+and notify handlers, unread notifications) and returns the undo of what it changed in
+the session.
+
+**Prepared statements.** psycopg 3 prepares a statement run ``prepare_threshold`` times
+(names ``_pg3_N``) and remembers it on the connection: on a pooled session those plans
+serve every later loan, which is the point.  The undo therefore never sends ``DEALLOCATE
+ALL`` behind psycopg's back: a borrower's own ``PREPARE x`` is undone by name.  When the
+server forgot statements psycopg knows (a borrower's ``DEALLOCATE ALL``, ``DISCARD ALL``,
+``DEALLOCATE _pg3_3``; a ``RESET`` that discards them; a ``PREPARE`` whose name cannot be
+read), psycopg's cache is emptied and the undo sends ``DEALLOCATE ALL``: both sides then
+agree again, and psycopg prepares afresh.
+
+This module knows nothing about Django.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+from psycopg import sql as psycopg_sql
+from psycopg.adapt import AdaptersMap
+from psycopg.pq import TransactionStatus
+from psycopg.rows import tuple_row
+from psycopg.types import TypesRegistry
+
+from herokupool import session
+from herokupool.tracked import SessionNotReusable
+
+__all__ = [
+    "TrackedConnection",
+    "apply_isolation_level",
+    "prepare_release",
+    "release_hook",
+]
+
+# Prune the loan's list of cursor references once it grows past this many.
+_PRUNE_AT = 256
+
+_ROLE_UNKNOWN: Any = object()
+
+_IDLE = TransactionStatus.IDLE
+
+
+class _LoanAdapters(AdaptersMap):
+    """The connection's adapters map: says when a borrower registered a dumper, a loader
+    or a type on the connection (``register_hstore(info, conn)``...)."""
+
+    herokupool_changed = False
+
+    def __init__(self, template: AdaptersMap) -> None:
+        super().__init__(template)
+        self.types = _LoanTypes(self, self.types)
+
+    def register_dumper(self, cls: Any, dumper: Any) -> None:
+        self.herokupool_changed = True
+        super().register_dumper(cls, dumper)
+
+    def register_loader(self, oid: Any, loader: Any) -> None:
+        self.herokupool_changed = True
+        super().register_loader(oid, loader)
+
+
+class _LoanTypes(TypesRegistry):
+    def __init__(self, owner: _LoanAdapters, template: TypesRegistry) -> None:
+        super().__init__(template)
+        self._owner = weakref.ref(owner)
+
+    def add(self, info: Any) -> None:
+        owner = self._owner()
+        if owner is not None:
+            owner.herokupool_changed = True
+        super().add(info)
+
+
+class TrackedConnection(psycopg.Connection[Any]):
+    """A psycopg 3 connection that records what each loan changed (see the module
+    docstring).  ``assumed_role`` is the role the backend's session set-up assumed on
+    this session (Django's ``assume_role``), None for the login role."""
+
+    def __init__(self, pgconn: Any, row_factory: Any = tuple_row) -> None:
+        super().__init__(pgconn, row_factory)
+        #: session.* flags of what the current loan changed.
+        self.herokupool_flags = 0
+        self.assumed_role: object = None
+        # Statements the loan PREPAREd (names as the server knows them).
+        self.herokupool_prepared: set[str] = set()
+        # The server forgot statements psycopg may hold: its cache must be emptied.
+        self.herokupool_forgot = False
+        self._cursors: list[weakref.ReferenceType[Any]] = []
+        self._loan_open = False
+        self._handlers: list[tuple[Callable[[Any], None], Any]] | None = None
+        self._template: AdaptersMap | None = None
+        self._baseline: tuple[Any, ...] = ()
+        self._characteristics: tuple[Any, Any, Any] = (None, None, None)
+
+    def mark_baseline(self, context: AdaptersMap | None) -> None:
+        """Take the connection's client-side state now as what every loan starts from.
+        Called once, when the connection has been set up; ``context`` is the adapters
+        template it was opened with (Django's)."""
+        self._template = context if context is not None else self.adapters
+        self._adapters = _LoanAdapters(self._template)
+        self._baseline = self._client_state()
+
+    def _client_state(self) -> tuple[Any, ...]:
+        return (
+            self.cursor_factory,
+            self.server_cursor_factory,
+            self.row_factory,
+            self.prepare_threshold,
+            self.prepared_max,
+        )
+
+    def begin_loan(self) -> None:
+        """Start a loan: forget what the pool itself ran between loans, and note the
+        session characteristics the borrower's set-up gave it, which the release keeps."""
+        self.herokupool_flags = 0
+        self._characteristics = (self.isolation_level, self.read_only, self.deferrable)
+        self._loan_open = True
+
+    def note(self, flags: int, query: str) -> None:
+        """Record session changes (``session.*`` flags) made by the current loan's
+        ``query``."""
+        if flags & session.FORGETS:
+            self.note_forgotten(query)
+            flags &= ~session.FORGETS
+        if flags & session.ROLE_RESET:
+            self.assumed_role = None
+            flags &= ~session.ROLE_RESET
+        elif flags & session.ROLE:
+            self.assumed_role = _ROLE_UNKNOWN
+        if flags & session.PREPARE:
+            names = session.prepared_names(query)
+            if names is None:
+                self.herokupool_forgot = True  # undone with DEALLOCATE ALL
+            else:
+                self.herokupool_prepared.update(names)
+        self.herokupool_flags |= flags
+
+    def note_forgotten(self, query: str) -> None:
+        """Record what ``query`` makes the server forget of its prepared statements."""
+        everything, names = session.forgets_prepared(query)
+        prepared = self.herokupool_prepared
+        for name in names:
+            if name in prepared:
+                prepared.discard(name)  # the loan's own: nothing left to undo
+            else:
+                everything = True  # perhaps psycopg's own
+        if everything:
+            self.herokupool_forgot = True
+
+    def cursor(self, *args: Any, **kwargs: Any) -> Any:
+        return self.adopt(super().cursor(*args, **kwargs))
+
+    def adopt(self, cursor: Any) -> Any:
+        """Make ``cursor`` (made on this connection) one of the loan's: tracked, and
+        ended with it.  Returns it."""
+        cls = type(cursor)
+        if not issubclass(cls, _Tracking):
+            cursor.__class__ = _tracking_class(cls)
+        cursors = self._cursors
+        cursors.append(weakref.ref(cursor))
+        if len(cursors) > _PRUNE_AT:
+            self._cursors = [ref for ref in cursors if ref() is not None]
+        return cursor
+
+    def add_notice_handler(self, callback: Any) -> None:
+        self._added(self.remove_notice_handler, callback)
+        super().add_notice_handler(callback)
+
+    def add_notify_handler(self, callback: Any) -> None:
+        self._added(self.remove_notify_handler, callback)
+        super().add_notify_handler(callback)
+
+    def _added(self, remove: Callable[[Any], None], callback: Any) -> None:
+        if self._loan_open:
+            if self._handlers is None:
+                self._handlers = []
+            self._handlers.append((remove, callback))
+
+    def end_loan(self) -> None:
+        """End every cursor of the current loan (see the module docstring).
+
+        No I/O and no lock: safe in a garbage-collector finalizer or a dying thread.
+        """
+        cursors, self._cursors = self._cursors, []
+        for ref in cursors:
+            cursor: Any = ref()
+            if cursor is None:
+                continue
+            cursor._close()  # drops its results; no I/O
+            cursor._conn = _RELEASED
+        # Last: an end_loan() interrupted above leaves the loan open, and the release
+        # then closes the connection (see prepare_release).
+        self._loan_open = False
+
+    def client_state_changed(self) -> bool:
+        """Whether the loan left client-side state behind (see :func:`prepare_release`)."""
+        characteristics = self._characteristics
+        adapters: Any = self._adapters
+        return bool(
+            self._handlers
+            or self._notifies_backlog
+            or adapters.herokupool_changed
+            or self._client_state() != self._baseline
+            or self.isolation_level != characteristics[0]
+            or self.read_only != characteristics[1]
+            or self.deferrable != characteristics[2]
+        )
+
+    def restore_client_state(self) -> None:
+        """Put the client-side state back to the baseline (no I/O)."""
+        if self._handlers:
+            for remove, callback in self._handlers:
+                with contextlib.suppress(ValueError):  # removed by the borrower itself
+                    remove(callback)
+        self._handlers = None
+        if self._notifies_backlog:
+            self._notifies_backlog.clear()
+        adapters: Any = self._adapters
+        if adapters.herokupool_changed and self._template is not None:
+            self._adapters = _LoanAdapters(self._template)
+        (
+            self.cursor_factory,
+            self.server_cursor_factory,
+            self.row_factory,
+            self.prepare_threshold,
+            self.prepared_max,
+        ) = self._baseline
+
+    def forget_prepared(self) -> None:
+        """Empty psycopg's cache of prepared statements, sending nothing: the caller
+        sends ``DEALLOCATE ALL``."""
+        prepared = self._prepared
+        prepared.clear()
+        prepared._to_flush.clear()
+
+
+def prepare_release(conn: Any, reset_forgets: bool = False) -> str | None:
+    """The pool's release hook: restore what the loan changed on the client side of
+    ``conn`` and return the SQL that undoes what it changed in the session, or None.
+    ``reset_forgets``: the pool's ``RESET`` makes the server forget prepared statements
+    (``DISCARD ALL``): psycopg's cache is emptied on every release.
+
+    No I/O and no lock.  Raises :class:`~herokupool.tracked.SessionNotReusable` when the
+    session cannot be made new again (a ``LOAD``; a ``with conn.transaction()`` block, a
+    pipeline or a two-phase transaction still open; the isolation level, read-only or
+    deferrable changed on the connection): the pool then closes it.  Connections that
+    are not :class:`TrackedConnection` are left alone.
+    """
+    if not isinstance(conn, TrackedConnection):
+        return None
+    if conn._loan_open:
+        raise SessionNotReusable("the loan's cursors were not all ended")
+    flags = conn.herokupool_flags
+    forgot = conn.herokupool_forgot or reset_forgets
+    if not flags and not forgot and not conn.client_state_changed():
+        return None  # the common loan: nothing to undo
+    conn.herokupool_flags = 0
+    if flags & session.LOAD:
+        raise SessionNotReusable("a library was loaded into the session (LOAD)")
+    if conn._num_transactions or conn._pipeline is not None or conn._tpc is not None:
+        # Its Transaction or Pipeline object may still act on the connection when it
+        # exits: only a closed connection makes that harmless.
+        raise SessionNotReusable("a transaction block or a pipeline was left open")
+    if conn.client_state_changed():
+        if (conn.isolation_level, conn.read_only, conn.deferrable) != conn._characteristics:
+            raise SessionNotReusable("the connection's session characteristics were changed")
+        conn.restore_client_state()
+    if flags & session.ROLE:
+        conn.assumed_role = None
+    prepared = conn.herokupool_prepared
+    conn.herokupool_prepared = set()
+    if forgot:
+        conn.herokupool_forgot = False
+        conn.forget_prepared()
+        undo = session.undo(flags & ~session.PREPARE, ())
+        return "DEALLOCATE ALL" if undo is None else f"{undo}; DEALLOCATE ALL"
+    return session.undo(flags, prepared)
+
+
+def release_hook(reset: str | None) -> Callable[[Any], str | None]:
+    """:func:`prepare_release` for a pool whose ``RESET`` is ``reset``."""
+    if reset and session.forgets_prepared(reset)[0]:
+        return lambda conn: prepare_release(conn, reset_forgets=True)
+    return prepare_release
+
+
+def apply_isolation_level(conn: Any, isolation_level: Any) -> None:
+    """Give a borrowed connection the isolation level its borrower's settings ask for
+    (None: the server's default), on the client side only, as Django sets it: psycopg
+    sends it with each ``BEGIN``.  Sends nothing."""
+    if conn.isolation_level != isolation_level:
+        conn.isolation_level = isolation_level
+
+
+# --------------------------------------------------------------------- cursors
+
+
+class _Tracking:
+    """Mixed into the cursor class a borrower asked for: records session changes."""
+
+    __slots__ = ()
+
+    def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
+        _record(self, query)
+        return super().execute(query, params, **kwargs)  # type: ignore[misc]
+
+    def executemany(self, query: Any, params_seq: Any, **kwargs: Any) -> Any:
+        _record(self, query)
+        return super().executemany(query, params_seq, **kwargs)  # type: ignore[misc]
+
+    def stream(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
+        _record(self, query)
+        return super().stream(query, params, **kwargs)  # type: ignore[misc]
+
+    def copy(self, statement: Any, params: Any = None, **kwargs: Any) -> Any:
+        # COPY (SELECT set_config(...)) TO STDOUT runs a query too.
+        _record(self, statement)
+        return super().copy(statement, params, **kwargs)  # type: ignore[misc]
+
+    def close(self) -> None:
+        if self._conn is _RELEASED:  # type: ignore[attr-defined]
+            return  # ended with its loan (a server-side cursor's close would need the lock)
+        super().close()  # type: ignore[misc]
+
+
+def _record(cursor: Any, query: Any) -> None:
+    if isinstance(query, str):  # str subclasses too: Django's SafeString
+        text = query
+    elif isinstance(query, bytes):
+        text = query.decode("utf-8", "replace")
+    elif isinstance(query, psycopg_sql.Composable):
+        try:
+            text = query.as_string(cursor._conn)
+        except (psycopg.Error, TypeError, ValueError, AttributeError):
+            return  # psycopg will refuse it itself
+    else:
+        return
+    flags = session.changes_and_forgets(text)
+    if flags:
+        cursor._conn.note(flags, text)
+
+
+class _ReleasedConnection:
+    """What a cursor's connection is once its loan has ended: closed, as the stock
+    engine's connection is after the request."""
+
+    closed = True
+
+    def __getattr__(self, name: str) -> Any:
+        raise psycopg.OperationalError("the connection is closed")
+
+
+_RELEASED: Any = _ReleasedConnection()
+
+# requested class -> its tracking subclass.  Classes are few (Django's cursors, psycopg's):
+# a dict read per cursor.
+_classes: dict[type, type] = {}
+
+
+def _tracking_class(factory: type) -> type:
+    cls = _classes.get(factory)
+    if cls is None:
+        cls = _classes[factory] = type(
+            f"Tracked{factory.__name__}", (_Tracking, factory), {"__slots__": ()}
+        )
+    return cls
