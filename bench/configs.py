@@ -174,6 +174,33 @@ CONFIGS: tuple[Config, ...] = (
     ),
     Config("herokupool", "herokupool", "psycopg2", pooled=True),
     Config(
+        "herokupool-pg3",
+        "herokupool (psycopg 3)",
+        "psycopg3",
+        pooled=True,
+        note="Django's psycopg 3 defaults: client-side binding cursors, prepare_threshold=None "
+        "(nothing prepared on the server)",
+    ),
+    Config(
+        "herokupool-pg3-ssb",
+        "herokupool (psycopg 3, server-side binding, prepare_threshold=None)",
+        "psycopg3",
+        pooled=True,
+        prepared_only=True,
+        note="OPTIONS server_side_binding=True, prepare_threshold=None: parameters bound on the "
+        "server, nothing prepared",
+    ),
+    Config(
+        "herokupool-pg3-prepared",
+        "herokupool (psycopg 3, server-side binding, prepare_threshold=5)",
+        "psycopg3",
+        pooled=True,
+        prepared_only=True,
+        note="OPTIONS server_side_binding=True, prepare_threshold=5 (psycopg's own default): "
+        "a statement run 5 times on a connection is prepared on the server, and the plan "
+        "stays with the pooled connection across requests",
+    ),
+    Config(
         "heroku-template",
         "Heroku's Django template (psycopg 3, CONN_MAX_AGE=600, health checks)",
         "psycopg3",

@@ -278,6 +278,7 @@ def prepared_summary(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
                 "wall_us": statistics.median(b["per_request"] for b in batches) * 1e6,
                 "cpu_us": statistics.median(b["cpu_per_request"] for b in batches) * 1e6,
                 "errors": sum(b["errors"] for b in batches),
+                "server_prepared": max(b.get("server_prepared_statements", 0) for b in batches),
                 "windows": {},
             }
     for threads, runs in prepared.get("windows", {}).items():
@@ -437,10 +438,11 @@ def _render_prepared(results: dict[str, Any], labels: dict[str, str]) -> list[st
         "True`); Django's defaults (client-side binding, `prepare_threshold` None) prepare "
         f"nothing. One thread: {plan['overhead_seconds']:g} s batches interleaved across "
         f"the configurations, {plan['overhead_rounds']} rounds, medians; then windows as "
-        "in-process above.",
+        "in-process above. Prepared on server: statements in `pg_prepared_statements` of the "
+        "connection a thread borrowed after its batch (the most of any round).",
         "",
     ]
-    header = ["configuration", "one thread us/req", "CPU us/req"]
+    header = ["configuration", "one thread us/req", "CPU us/req", "prepared on server"]
     for t in threads:
         header += [f"T={t} req/s", f"T={t} x ceiling", f"T={t} p99 ms", f"T={t} errors"]
     rows = []
@@ -453,6 +455,7 @@ def _render_prepared(results: dict[str, Any], labels: dict[str, str]) -> list[st
             f"**{labels.get(name, name)}**" if name.startswith(HEROKUPOOL) else labels[name],
             f"{row_['wall_us']:.0f}" if "wall_us" in row_ else "-",
             f"{row_['cpu_us']:.0f}" if "cpu_us" in row_ else "-",
+            str(row_.get("server_prepared", "-")),
         ]
         for t in threads:
             window = row_["windows"].get(t)

@@ -346,12 +346,18 @@ def requests(driver: Driver, seconds: float, workload: str = "1") -> dict[str, A
             break
     elapsed = perf_counter() - started
     cpu = time.thread_time() - cpu_started
+    # What the server holds prepared for the connection this thread gets next (a pool's most
+    # recently used one, which served the batch): the proof that prepare_threshold did work.
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_prepared_statements")
+        (prepared,) = cursor.fetchone()
     connections.close_all()
     return {
         "per_request": elapsed / count,
         "cpu_per_request": cpu / count,
         "requests": count,
         "errors": errors,
+        "server_prepared_statements": prepared,
     }
 
 
