@@ -147,6 +147,13 @@ KNOWN_DIFFERENCES: Mapping[str, str] = {
         "herokupool's engine; herokupool refuses it first, still with ImproperlyConfigured, "
         "naming the herokupool setting for each key (check herokupool.E004 says the same)"
     ),
+    "backends.postgresql.tests.Tests.test_pooling_not_support_persistent_connections": (
+        "fails by design (psycopg 3 only): the test expects reading Django's `pool` property to "
+        "refuse OPTIONS['pool'] with CONN_MAX_AGE ('Pooling doesn't support persistent "
+        "connections'); on herokupool's engine Django's own pool is never built (`pool` is None) "
+        "and a true OPTIONS['pool'] is refused with ImproperlyConfigured when the backend parses "
+        "OPTIONS and by check herokupool.E004, naming the herokupool setting for each key"
+    ),
 }
 
 #: Environment variables read by the generated settings and by RecordingRunner.
