@@ -13,7 +13,6 @@ calls :func:`prepare`, which reads the configuration the coordinator put in the
 
 from __future__ import annotations
 
-import importlib.abc
 import json
 import os
 import sys
@@ -25,21 +24,21 @@ __all__ = ["prepare"]
 _HIDDEN = ("psycopg", "psycopg_pool", "psycopg_binary", "psycopg_c")
 
 
-class _HidePsycopg3(importlib.abc.MetaPathFinder):
-    """Make ``import psycopg`` fail as if the package were not installed."""
-
-    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> None:
-        if fullname.split(".", 1)[0] in _HIDDEN:
-            raise ModuleNotFoundError(f"No module named {fullname!r}", name=fullname)
+def _hide_psycopg3() -> None:
+    """Make psycopg 3 look not installed: ``import psycopg`` raises ModuleNotFoundError and
+    ``importlib.util.find_spec("psycopg")`` returns None (what herokupool.errors asks), both
+    because of the ``None`` entries in ``sys.modules``."""
+    for name in _HIDDEN:
+        sys.modules[name] = None  # type: ignore[assignment]
 
 
 def prepare() -> dict[str, Any]:
     """Set this process up for the configuration in ``BENCH_CONFIG``; return it."""
     config: dict[str, Any] = json.loads(os.environ["BENCH_CONFIG"])
     if config["driver"] == "psycopg2":
-        if any(name.split(".", 1)[0] in _HIDDEN for name in sys.modules):
+        if any(sys.modules.get(name) is not None for name in _HIDDEN):
             raise RuntimeError("psycopg 3 was imported before bench.bootstrap.prepare()")
-        sys.meta_path.insert(0, _HidePsycopg3())
+        _hide_psycopg3()
     if config.get("shim") == "postgrespool2":
         postgrespool2_shim()
     os.environ["DJANGO_SETTINGS_MODULE"] = "bench.settings"

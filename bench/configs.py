@@ -4,6 +4,10 @@ Every pooled configuration gets the same number of server connections (``size``)
 the same pool timeout; everything else is the peer's default.  Every connection
 carries ``application_name = "bench-<name>"`` so the coordinator can count a
 configuration's server connections in ``pg_stat_activity``.
+
+A configuration with ``prepared_only`` runs only in the prepared-statement phase (the same
+few ORM queries on every request): the variants of herokupool on psycopg 3 that differ only
+in psycopg 3's server-side binding and ``prepare_threshold``.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["CEILING", "CONFIGS", "NO_POOL", "Config", "Target", "by_name"]
+__all__ = ["CEILING", "CONFIGS", "NO_POOL", "PREPARED", "Config", "Target", "by_name"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,7 @@ class Config:
     shim: str | None = None
     via_pgbouncer: bool = False
     note: str = ""
+    prepared_only: bool = False  # measured in the prepared-statement phase only
 
     @property
     def application_name(self) -> str:
@@ -86,9 +91,20 @@ class Config:
             database["PORT"] = str(pgbouncer_port)
             # A new client connection to PgBouncer per request (CONN_MAX_AGE=0).
             database["DISABLE_SERVER_SIDE_CURSORS"] = True
-        elif self.name == "herokupool":
+        elif self.name.startswith("herokupool"):
+            # herokupool (psycopg2) and herokupool-pg3* (psycopg 3): the same settings; the
+            # driver is the one the process can import (see bench.bootstrap).
             database["ENGINE"] = "herokupool.db.backends.postgresql"
             options.update({"MAX_CONNS": size, "TIMEOUT": timeout})
+            if self.name == "herokupool-pg3-ssb":
+                # Server-side binding, nothing prepared (Django's prepare_threshold default).
+                options.update({"server_side_binding": True, "prepare_threshold": None})
+            elif self.name == "herokupool-pg3-prepared":
+                # Server-side binding and psycopg 3's own default threshold: a statement is
+                # prepared on the server at its 5th execution on a connection.
+                options.update({"server_side_binding": True, "prepare_threshold": 5})
+            elif self.name not in ("herokupool", "herokupool-pg3"):
+                raise ValueError(f"unknown configuration {self.name!r}")
         elif self.name == "heroku-template":
             # Heroku's getting-started app: dj_database_url.config(conn_max_age=600,
             # conn_health_checks=True): a connection per thread, checked per request.
@@ -158,6 +174,33 @@ CONFIGS: tuple[Config, ...] = (
     ),
     Config("herokupool", "herokupool", "psycopg2", pooled=True),
     Config(
+        "herokupool-pg3",
+        "herokupool (psycopg 3)",
+        "psycopg3",
+        pooled=True,
+        note="Django's psycopg 3 defaults: client-side binding cursors, prepare_threshold=None "
+        "(nothing prepared on the server)",
+    ),
+    Config(
+        "herokupool-pg3-ssb",
+        "herokupool (psycopg 3, server-side binding, prepare_threshold=None)",
+        "psycopg3",
+        pooled=True,
+        prepared_only=True,
+        note="OPTIONS server_side_binding=True, prepare_threshold=None: parameters bound on the "
+        "server, nothing prepared",
+    ),
+    Config(
+        "herokupool-pg3-prepared",
+        "herokupool (psycopg 3, server-side binding, prepare_threshold=5)",
+        "psycopg3",
+        pooled=True,
+        prepared_only=True,
+        note="OPTIONS server_side_binding=True, prepare_threshold=5 (psycopg's own default): "
+        "a statement run 5 times on a connection is prepared on the server, and the plan "
+        "stays with the pooled connection across requests",
+    ),
+    Config(
         "heroku-template",
         "Heroku's Django template (psycopg 3, CONN_MAX_AGE=600, health checks)",
         "psycopg3",
@@ -166,6 +209,11 @@ CONFIGS: tuple[Config, ...] = (
         "as heroku/python-getting-started configures it: one connection per thread",
     ),
 )
+
+
+#: The configurations of the prepared-statement phase (besides the ``prepared_only`` ones):
+#: the references on both drivers and the stock psycopg 3 setups.
+PREPARED = ("ceiling", "django-pool", "heroku-template", "herokupool", "herokupool-pg3")
 
 
 def by_name(names: list[str] | None) -> tuple[Config, ...]:

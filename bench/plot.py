@@ -30,6 +30,7 @@ STYLES: dict[str, dict[str, Any]] = {
     "pgbouncer": {"color": "#8c564b", "marker": "P"},
     "pgbouncer-connect": {"color": "#c49c94", "linestyle": ":", "marker": "P"},
     HEROKUPOOL: {"color": "#d62728", "marker": "*", "linewidth": 2.5, "markersize": 11},
+    "herokupool-pg3": {"color": "#e377c2", "marker": "*", "linewidth": 2.5, "markersize": 11},
     "heroku-template": {"color": "#17becf", "marker": "v", "linestyle": "--"},
 }
 

@@ -15,12 +15,25 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-__all__ = ["inprocess_summary", "overhead_summary", "render", "subjects", "targets"]
+__all__ = [
+    "inprocess_summary",
+    "overhead_summary",
+    "prepared_effect",
+    "prepared_summary",
+    "render",
+    "subjects",
+    "targets",
+]
 
 HEROKUPOOL = "herokupool"
 NATIVE = "django-pool"
 CEILING = "ceiling"
 NO_POOL = "no-pool"
+#: The prepared-statement comparison: psycopg 3 with server-side binding, with and without
+#: prepare_threshold, and Django's psycopg 3 defaults (client-side binding, nothing prepared).
+PREPARED_ON = "herokupool-pg3-prepared"
+PREPARED_OFF = "herokupool-pg3-ssb"
+PG3_DEFAULT = "herokupool-pg3"
 
 
 def _labels(results: dict[str, Any]) -> dict[str, str]:
@@ -223,7 +236,7 @@ def targets(results: dict[str, Any], subject: str = HEROKUPOOL) -> list[dict[str
         rows.append(
             {
                 "target": "p99 at T=32 at or below Django's native pool's",
-                "value": f"{mine * 1e3:.1f} ms",
+                "value": f"{mine * 1e3:.1f} ms ({mine / theirs:.2f}x)",
                 "reference": f"{theirs * 1e3:.1f} ms",
                 "met": mine <= theirs,
             }
@@ -251,6 +264,44 @@ def targets(results: dict[str, Any], subject: str = HEROKUPOOL) -> list[dict[str
                 "met": ratio["median"] >= 1.0,
             }
         )
+    return rows
+
+
+def prepared_summary(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per configuration of the prepared-statement phase: one thread's wall and CPU us per
+    request (medians of the batches), and per T its window summary (see summarize_runs)."""
+    prepared = results.get("prepared", {})
+    summary: dict[str, dict[str, Any]] = {}
+    for name, batches in prepared.get("single", {}).items():
+        if batches:
+            summary[name] = {
+                "wall_us": statistics.median(b["per_request"] for b in batches) * 1e6,
+                "cpu_us": statistics.median(b["cpu_per_request"] for b in batches) * 1e6,
+                "errors": sum(b["errors"] for b in batches),
+                "server_prepared": max(b.get("server_prepared_statements", 0) for b in batches),
+                "windows": {},
+            }
+    for threads, runs in prepared.get("windows", {}).items():
+        for name, window in summarize_runs(runs).items():
+            summary.setdefault(name, {"windows": {}})["windows"][threads] = window
+    return summary
+
+
+def prepared_effect(
+    results: dict[str, Any], subject: str = PREPARED_ON, reference: str = PREPARED_OFF
+) -> list[dict[str, Any]]:
+    """``subject`` against ``reference`` in the prepared-statement phase, per round (same
+    run): one thread's wall time per request, and req/s at every T. Reported, never a target."""
+    prepared = results.get("prepared", {})
+    rows: list[dict[str, Any]] = []
+    single = prepared.get("single", {})
+    ratios = _ratios(single, subject, reference, key="per_request")
+    if ratios:
+        rows.append({"measure": "one thread: time per request", "ratio": _spread(ratios)})
+    for threads, runs in prepared.get("windows", {}).items():
+        ratios = _ratios(runs, subject, reference)
+        if ratios:
+            rows.append({"measure": f"T={threads}: req/s", "ratio": _spread(ratios)})
     return rows
 
 
@@ -371,6 +422,76 @@ def render_summary(results: dict[str, Any]) -> str:
     return "\n".join(_table(header, rows)) + "\n"
 
 
+def _render_prepared(results: dict[str, Any], labels: dict[str, str]) -> list[str]:
+    summary = prepared_summary(results)
+    if not summary:
+        return []
+    plan = results["meta"]["plan"]
+    threads = sorted({t for s in summary.values() for t in s["windows"]}, key=int)
+    lines = [
+        "## Prepared statements: the same three ORM queries per request",
+        "",
+        "Every request runs the same three ORM queries with other parameters (a primary-key "
+        "lookup, a filtered and ordered slice, an aggregate: `bench.app.views.prepared`). "
+        "psycopg 3 prepares a statement on the server once it has run `prepare_threshold` "
+        "times on a connection, and only with server-side binding (`server_side_binding: "
+        "True`); Django's defaults (client-side binding, `prepare_threshold` None) prepare "
+        f"nothing. One thread: {plan['overhead_seconds']:g} s batches interleaved across "
+        f"the configurations, {plan['overhead_rounds']} rounds, medians; then windows as "
+        "in-process above. Prepared on server: statements in `pg_prepared_statements` of the "
+        "connection a thread borrowed after its batch (the most of any round).",
+        "",
+    ]
+    header = ["configuration", "one thread us/req", "CPU us/req", "prepared on server"]
+    for t in threads:
+        header += [f"T={t} req/s", f"T={t} x ceiling", f"T={t} p99 ms", f"T={t} errors"]
+    rows = []
+    for config in results["meta"]["configs"]:
+        name = config["name"]
+        if name not in summary:
+            continue
+        row_ = summary[name]
+        row = [
+            f"**{labels.get(name, name)}**" if name.startswith(HEROKUPOOL) else labels[name],
+            f"{row_['wall_us']:.0f}" if "wall_us" in row_ else "-",
+            f"{row_['cpu_us']:.0f}" if "cpu_us" in row_ else "-",
+            str(row_.get("server_prepared", "-")),
+        ]
+        for t in threads:
+            window = row_["windows"].get(t)
+            if window is None:
+                row += ["-"] * 4
+                continue
+            row += [
+                f"{window['rps']['median']:,.0f}",
+                _x(window["vs_ceiling"]),
+                _ms(window["p99"]),
+                _errors_text(window["errors"]),
+            ]
+        rows.append(row)
+    lines += _table(header, rows)
+    lines.append("")
+    for subject, reference, what in (
+        (PREPARED_ON, PREPARED_OFF, "what the prepared statements themselves buy"),
+        (PREPARED_ON, PG3_DEFAULT, "against Django's psycopg 3 defaults"),
+        (PG3_DEFAULT, HEROKUPOOL, "the driver alone, Django's defaults on each"),
+    ):
+        effect = prepared_effect(results, subject, reference)
+        if not effect:
+            continue
+        lines += [
+            f"{labels.get(subject, subject)} over {labels.get(reference, reference)} "
+            f"({what}; per-round ratios, same run; below 1.0x is faster for time, above "
+            "1.0x is more for req/s):",
+            "",
+        ]
+        lines += _table(
+            ["measure", "ratio"], [[row["measure"], _x(row["ratio"])] for row in effect]
+        )
+        lines.append("")
+    return lines
+
+
 def render(results: dict[str, Any]) -> str:
     meta = results["meta"]
     plan = meta["plan"]
@@ -451,6 +572,7 @@ def render(results: dict[str, Any]) -> str:
             ]
             lines += _runs_table(summarize_runs(summary), labels, starved=True)
             lines.append("")
+    lines += _render_prepared(results, labels)
     fairness = results.get("fairness")
     if fairness:
         lines += [

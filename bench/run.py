@@ -11,8 +11,14 @@ the machine hits all of them alike:
    WSGI handler, in short batches interleaved across the configurations;
 3. in-process: T = 1, 8, 32 threads on Django's WSGI handler, 4 server connections,
    one statement per request; then T = 8, 32 with five statements per request;
-4. fairness: 32 threads on 4 connections with a 2 s pool timeout;
-5. HTTP: gunicorn gthread (2 workers x 8 threads) and wrk on loopback.
+4. prepared statements: the same three ORM queries on every request (one thread in
+   interleaved batches, then T = 8), for the psycopg 3 configurations, herokupool on psycopg 3
+   with and without server-side prepared statements, and the references;
+5. fairness: 32 threads on 4 connections with a 2 s pool timeout;
+6. HTTP: gunicorn gthread (2 workers x 8 threads) and wrk on loopback.
+
+Configurations marked ``prepared_only`` (herokupool on psycopg 3 with other psycopg options)
+run in phase 4 only.
 
 Results land in ``<out>/results.json``; ``bench.report`` writes ``results.md`` and
 ``bench.plot`` the PNG.
@@ -37,7 +43,7 @@ from typing import Any
 import dj_database_url
 
 from bench import httprun
-from bench.configs import CONFIGS, Config, Target, by_name
+from bench.configs import CONFIGS, PREPARED, Config, Target, by_name
 from bench.database import ConnectionWatcher, prepare_database, server_info
 from devtools.pgbouncer import PgBouncer, find_pgbouncer
 
@@ -50,6 +56,7 @@ class Plan:
     rounds: int = 3
     threads: tuple[int, ...] = (1, 8, 32)
     threads5: tuple[int, ...] = (8, 32)  # the five-statements-per-request windows
+    threads_prepared: tuple[int, ...] = (8,)  # the prepared-statement windows
     warmup: float = 0.5
     duration: float = 3.0
     size: int = 4
@@ -139,6 +146,8 @@ class Worker:
 
 
 def rotated(items: tuple[Config, ...], by: int) -> list[Config]:
+    if not items:
+        return []
     by %= len(items)
     return [*items[by:], *items[:by]]
 
@@ -146,7 +155,11 @@ def rotated(items: tuple[Config, ...], by: int) -> list[Config]:
 class Bench:
     def __init__(self, target: Target, configs: tuple[Config, ...], plan: Plan) -> None:
         self.target = target
-        self.configs = configs
+        self.all_configs = configs
+        #: Every phase but the prepared-statement one.
+        self.configs = tuple(c for c in configs if not c.prepared_only)
+        #: The prepared-statement phase.
+        self.prepared = tuple(c for c in configs if c.prepared_only or c.name in PREPARED)
         self.plan = plan
         self.watcher = ConnectionWatcher(target)
         self.results: dict[str, Any] = {}
@@ -157,7 +170,7 @@ class Bench:
         port = pgbouncer.port if pgbouncer is not None else None
         return {
             c.name: c.spec(self.target, size=size, timeout=timeout, pgbouncer_port=port)
-            for c in self.configs
+            for c in self.all_configs
         }
 
     def start_workers(
@@ -169,7 +182,13 @@ class Bench:
         return workers
 
     def window(
-        self, worker: Worker, threads: int, warmup: float, duration: float, statements: int = 1
+        self,
+        worker: Worker,
+        threads: int,
+        warmup: float,
+        duration: float,
+        statements: int = 1,
+        workload: str | None = None,
     ) -> dict[str, Any]:
         name = worker.config.application_name
         self.watcher.wait_until_at_most(name, self.plan.size if worker.config.pooled else 0)
@@ -180,6 +199,7 @@ class Bench:
                 warmup=warmup,
                 duration=duration,
                 statements=statements,
+                workload=workload,
             )
         ok = result["per_thread_ok"]
         result["rps"] = sum(ok) / duration
@@ -223,8 +243,8 @@ class Bench:
         plan = self.plan
         with self._pgbouncer(plan.size, plan.timeout) as bouncer:
             specs = self.specs(size=plan.size, timeout=plan.timeout, pgbouncer=bouncer)
-            log(f"starting {len(self.configs)} workers")
-            workers = self.start_workers(self.configs, specs, plan.timeout)
+            log(f"starting {len(self.all_configs)} workers")
+            workers = self.start_workers(self.all_configs, specs, plan.timeout)
             try:
                 log("micro: Django-level ensure_connection() + close_if_unusable_or_obsolete()")
                 django_micro: dict[str, list[float]] = {c.name: [] for c in self.configs}
@@ -269,9 +289,44 @@ class Bench:
                                 result["round"] = round_
                                 inprocess[str(threads)][config.name].append(result)
                     self.results[key] = inprocess
+                self.prepared_phase(workers)
             finally:
                 for worker in workers.values():
                     worker.close()
+
+    def prepared_phase(self, workers: dict[str, Worker]) -> None:
+        """The prepared-statement workload: one thread in interleaved batches (as the
+        per-request overhead micro), then windows at ``threads_prepared``."""
+        plan = self.plan
+        configs = self.prepared
+        if not configs:
+            return
+        log("prepared statements: the same three ORM queries per request, one thread")
+        single: dict[str, list[dict[str, Any]]] = {c.name: [] for c in configs}
+        for round_ in range(plan.overhead_rounds):
+            for config in rotated(configs, round_):
+                reply = workers[config.name].command(
+                    op="requests", seconds=plan.overhead_seconds, workload="prepared"
+                )
+                reply["round"] = round_
+                single[config.name].append(reply)
+        windows: dict[str, dict[str, list[dict[str, Any]]]] = {
+            str(t): {c.name: [] for c in configs} for t in plan.threads_prepared
+        }
+        for round_ in range(plan.rounds):
+            for threads in plan.threads_prepared:
+                log(f"prepared statements: round {round_ + 1}/{plan.rounds}, T={threads}")
+                for config in rotated(configs, round_):
+                    result = self.window(
+                        workers[config.name],
+                        threads,
+                        plan.warmup,
+                        plan.duration,
+                        workload="prepared",
+                    )
+                    result["round"] = round_
+                    windows[str(threads)][config.name].append(result)
+        self.results["prepared"] = {"single": single, "windows": windows}
 
     def fairness(self) -> None:
         plan = self.plan
@@ -411,6 +466,7 @@ def metadata_block(target: Target, plan: Plan, quick: bool, started: float) -> d
                 "driver": c.driver,
                 "pooled": c.pooled,
                 "note": c.note,
+                "prepared_only": c.prepared_only,
             }
             for c in CONFIGS
         ],
@@ -440,6 +496,9 @@ def main(argv: list[str] | None = None) -> int:
         "--micro-rounds", type=int, help="override the Django connect+close micro's rounds"
     )
     parser.add_argument(
+        "--threads-prepared", type=int, nargs="*", help="override the prepared-statement T values"
+    )
+    parser.add_argument(
         "--skip", nargs="+", default=[], choices=["micro", "inprocess", "fairness", "http"]
     )
     args = parser.parse_args(argv)
@@ -451,6 +510,8 @@ def main(argv: list[str] | None = None) -> int:
         plan = replace(plan, threads=tuple(args.threads))
     if args.threads5 is not None:
         plan = replace(plan, threads5=tuple(args.threads5))
+    if args.threads_prepared is not None:
+        plan = replace(plan, threads_prepared=tuple(args.threads_prepared))
     if args.overhead_rounds:
         plan = replace(plan, overhead_rounds=args.overhead_rounds)
     if args.micro_rounds:

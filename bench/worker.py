@@ -20,6 +20,10 @@ line on stdout (everything else the process prints goes to stderr):
   one-statement requests through the WSGI handler back to back for ``seconds``; the
   reply gives wall-clock and thread CPU time per request.  The coordinator interleaves
   short batches of this across configurations: the per-request overhead micro.
+
+``window`` and ``requests`` take ``"workload": "prepared"`` for the prepared-statement view
+(the same three ORM queries on every request, see ``bench.app.views.prepared``) instead of
+the one- or five-statement view.
 - ``{"op": "quit"}``.
 """
 
@@ -55,8 +59,9 @@ perf_counter = time.perf_counter
 ROWS = int(os.environ.get("BENCH_ROWS", "1000"))
 
 _local = threading.local()
-#: The view for one and for five statements per request (see bench.app.views).
-PREFIXES = {1: "/item/", 5: "/items/"}
+#: The view per workload: one and five statements per request, and the same three ORM
+#: queries per request (see bench.app.views).
+PREFIXES = {"1": "/item/", "5": "/items/", "prepared": "/prepared/"}
 
 
 def describe(error: BaseException) -> str:
@@ -89,10 +94,10 @@ class Record:
 
 
 class Window:
-    def __init__(self, threads: int, start: float, end: float, statements: int = 1) -> None:
+    def __init__(self, threads: int, start: float, end: float, workload: str = "1") -> None:
         self.start = start
         self.end = end
-        self.prefix = PREFIXES[statements]
+        self.prefix = PREFIXES[workload]
         self.usage: dict[str, float] = {}
         self.records = [Record() for _ in range(threads)]
         self.done = threading.Semaphore(0)
@@ -200,18 +205,27 @@ class Driver:
         )
 
     def window(
-        self, threads: int, warmup: float, duration: float, timeout: float, statements: int = 1
+        self,
+        threads: int,
+        warmup: float,
+        duration: float,
+        timeout: float,
+        statements: int = 1,
+        workload: str | None = None,
     ) -> dict[str, Any]:
         self.ensure_threads(threads)
         stats_before = pool_stats()
         begin = perf_counter() + 0.01
-        job = Window(threads, begin + warmup, begin + warmup + duration, statements)
+        job = Window(
+            threads, begin + warmup, begin + warmup + duration, workload or str(statements)
+        )
         # A thread can be stuck in its pool's queue up to the pool timeout past the end.
         finished = self.broadcast(threads, job, warmup + duration + timeout + 30.0, during=job)
         self.broadcast(threads, "close", 30.0)  # persistent connections: give them back
         result: dict[str, Any] = {
             "threads": threads,
             "statements": statements,
+            "workload": workload or str(statements),
             "duration": duration,
             "finished": finished,
             "per_thread_ok": [r.ok for r in job.records],
@@ -312,10 +326,11 @@ def micro(seconds: float) -> dict[str, Any]:
     return {"per_op": elapsed / count, "ops": count}
 
 
-def requests(driver: Driver, seconds: float) -> dict[str, Any]:
-    """Wall-clock and CPU seconds per one-statement request, on this thread alone."""
+def requests(driver: Driver, seconds: float, workload: str = "1") -> dict[str, Any]:
+    """Wall-clock and CPU seconds per request of ``workload`` (one statement by default), on
+    this thread alone."""
     rng = random.Random(12)
-    paths = [f"/item/{rng.randint(1, ROWS)}/" for _ in range(997)]
+    paths = [f"{PREFIXES[workload]}{rng.randint(1, ROWS)}/" for _ in range(997)]
     for path in paths[:20]:  # warm: the pool exists, the connection is open
         driver.request(path)
     count = 0
@@ -331,12 +346,18 @@ def requests(driver: Driver, seconds: float) -> dict[str, Any]:
             break
     elapsed = perf_counter() - started
     cpu = time.thread_time() - cpu_started
+    # What the server holds prepared for the connection this thread gets next (a pool's most
+    # recently used one, which served the batch): the proof that prepare_threshold did work.
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_prepared_statements")
+        (prepared,) = cursor.fetchone()
     connections.close_all()
     return {
         "per_request": elapsed / count,
         "cpu_per_request": cpu / count,
         "requests": count,
         "errors": errors,
+        "server_prepared_statements": prepared,
     }
 
 
@@ -359,11 +380,12 @@ def main() -> None:
                 command["duration"],
                 timeout,
                 command.get("statements", 1),
+                command.get("workload"),
             )
         elif op == "micro":
             reply = micro(command["seconds"])
         elif op == "requests":
-            reply = requests(driver, command["seconds"])
+            reply = requests(driver, command["seconds"], command.get("workload", "1"))
         elif op == "ping":
             reply = {"pid": os.getpid(), "django": django.get_version()}
         else:

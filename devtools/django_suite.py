@@ -28,8 +28,14 @@ Command line::
 127.0.0.1:5432; only its host, port, user and password are used (the databases are this tool's
 own: ``test_django_suite_<engine>[_gis][_other]``), and it is passed to the test processes in the
 environment, never written to disk. The summary is printed as markdown and written to
-``docs/django-suite.md``; the full console output of each run is kept in the cache directory
-(``.cache/django-suite/django-<version>/logs/``).
+``docs/django-suite.md`` (``docs/django-suite-psycopg3.md`` on psycopg 3); the full console
+output of each run is kept in the cache directory
+(``.cache/django-suite/django-<version>/logs/<driver>/``).
+
+The driver is the one Django loads in this virtualenv (psycopg 3 when ``psycopg`` is importable,
+else psycopg2), for both engines alike: ``make test-psycopg3`` runs the comparison on psycopg 3
+(.venv-pg3), ``make test-psycopg2`` on psycopg2 (.venv). .venv-pg3 has no psycopg-pool (herokupool
+does not need it), so Django's own pool tests error under the stock engine too.
 """
 
 from __future__ import annotations
@@ -69,6 +75,8 @@ __all__ = [
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CACHE = REPO / ".cache" / "django-suite"
 DEFAULT_DOCS = REPO / "docs" / "django-suite.md"
+#: Where the psycopg 3 runs' summary goes.
+DEFAULT_DOCS_PSYCOPG3 = REPO / "docs" / "django-suite-psycopg3.md"
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 #: This module's import name, also when run as ``python -m`` (where ``__name__`` is __main__).
 MODULE = "devtools.django_suite"
@@ -138,6 +146,13 @@ KNOWN_DIFFERENCES: Mapping[str, str] = {
         "('Database pooling requires psycopg >= 3'), which points at the wrong fix on "
         "herokupool's engine; herokupool refuses it first, still with ImproperlyConfigured, "
         "naming the herokupool setting for each key (check herokupool.E004 says the same)"
+    ),
+    "backends.postgresql.tests.Tests.test_pooling_not_support_persistent_connections": (
+        "fails by design (psycopg 3 only): the test expects reading Django's `pool` property to "
+        "refuse OPTIONS['pool'] with CONN_MAX_AGE ('Pooling doesn't support persistent "
+        "connections'); on herokupool's engine Django's own pool is never built (`pool` is None) "
+        "and a true OPTIONS['pool'] is refused with ImproperlyConfigured when the backend parses "
+        "OPTIONS and by check herokupool.E004, naming the herokupool setting for each key"
     ),
 }
 
@@ -715,6 +730,13 @@ def _markdown(report: Report) -> str:
     return "\n".join(out)
 
 
+def driver() -> str:
+    """The driver Django's PostgreSQL backend loads in this virtualenv: psycopg2 or psycopg3."""
+    from django.db.backends.postgresql.psycopg_any import is_psycopg3
+
+    return "psycopg3" if is_psycopg3 else "psycopg2"
+
+
 def _versions(dsn: str) -> dict[str, str]:
     import dj_database_url
     import psycopg2
@@ -725,8 +747,13 @@ def _versions(dsn: str) -> dict[str, str]:
         "Django": django_version(),
         "herokupool": herokupool.__version__,
         "Python": platform.python_version(),
-        "psycopg2": psycopg2.__version__.split()[0],
     }
+    if driver() == "psycopg3":
+        import psycopg
+
+        versions["psycopg"] = psycopg.__version__
+    else:
+        versions["psycopg2"] = psycopg2.__version__.split()[0]
     settings = dj_database_url.parse(dsn)
     try:
         conn = psycopg2.connect(
@@ -767,7 +794,7 @@ def run_comparison(
     # Per Django version: tox runs several versions side by side.
     settings_dir = tests.parent / "settings"
     write_settings(settings_dir, tests)
-    work = tests.parent / "logs"
+    work = tests.parent / "logs" / driver()  # both drivers' logs stay, as CI runs both
     runs: dict[str, list[Run]] = {engine: [] for engine in ENGINES}
     for engine in ENGINES:
         for flavour, selected in (("postgresql", modules), ("postgis", gis_modules)):
@@ -818,8 +845,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--docs",
         type=Path,
-        default=DEFAULT_DOCS,
-        help="write the markdown summary here (default: docs/django-suite.md)",
+        help="write the markdown summary here (default: docs/django-suite.md, "
+        "docs/django-suite-psycopg3.md on psycopg 3)",
     )
     parser.add_argument("--no-docs", action="store_true", help="do not write the summary")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
@@ -849,8 +876,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.output:
         args.output.write_text(json.dumps(report.to_json(), indent=2) + "\n")
     if not args.no_docs:
-        args.docs.parent.mkdir(parents=True, exist_ok=True)
-        args.docs.write_text(text)
+        docs = args.docs or (DEFAULT_DOCS_PSYCOPG3 if driver() == "psycopg3" else DEFAULT_DOCS)
+        docs.parent.mkdir(parents=True, exist_ok=True)
+        docs.write_text(text)
     if report.ok:
         return 0
     for test_id, traceback in report.new_failures.items():

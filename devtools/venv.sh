@@ -1,7 +1,7 @@
 #!/bin/sh
 # `make venv`: build the development virtualenv, or rebuild one that cannot work.
 #
-#   sh devtools/venv.sh PYTHON VENV PSYCOPG2 PYTHON_ORIGIN
+#   sh devtools/venv.sh PYTHON VENV PSYCOPG2 PYTHON_ORIGIN [EXTRAS]
 #
 # PYTHON     the interpreter to build with (must be 3.11 or newer; 3.12 is .python-version's)
 # VENV       the virtualenv's directory (.venv)
@@ -20,6 +20,7 @@ python=$1
 venv=$2
 psycopg2=$3
 origin=$4
+extras="test,dev,demo${5:+,$5}"
 stamp="$venv/.installed"
 goals=${MAKE_GOALS:-venv}
 
@@ -82,10 +83,12 @@ fi
 if [ "$psycopg2" = "binary" ]; then
     echo "make: installing psycopg2-binary instead of building psycopg2 (pg_config is not on" \
         "PATH; this virtualenv only: the package still depends on psycopg2)." >&2
-    "$venv/bin/python" devtools/requirements.py test dev demo >"$venv/requirements-binary.txt"
+    # shellcheck disable=SC2046 # one argument per extra
+    "$venv/bin/python" devtools/requirements.py $(echo "$extras" | tr , ' ') \
+        >"$venv/requirements-binary.txt"
     "$venv/bin/python" -m pip install --quiet -r "$venv/requirements-binary.txt"
     "$venv/bin/python" -m pip install --quiet --no-deps -e .
 else
-    "$venv/bin/python" -m pip install --quiet -e '.[test,dev,demo]'
+    "$venv/bin/python" -m pip install --quiet -e ".[$extras]"
 fi
 touch "$stamp"

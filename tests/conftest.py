@@ -13,7 +13,12 @@ With HEROKUPOOL_REQUIRE_SERVICES=1 (as .ci/run sets) a test that would skip for 
 missing service (PostGIS, PgBouncer, ...) fails instead, and so does any other skip:
 a skipped test proves nothing.
 
-The driver is the one Django's backend chose (psycopg 3 when importable, else psycopg2).
+The driver: Django's backend loads psycopg 3 whenever it can import it, else psycopg2, so the
+virtualenv decides which driver a run tests. HEROKUPOOL_TEST_DRIVER (psycopg2 or psycopg3, set
+by `make test-psycopg2` / `make test-psycopg3` and by every tox cell) names the one the run is
+meant for: the session refuses to start when Django loaded the other, so a run can never test
+the wrong driver silently. pytest's header names the driver loaded.
+
 A test of something only one driver has (psycopg2's ``cursor_factory`` classes, psycopg 3's
 ``Connection.execute``) is marked ``psycopg2_only`` or ``psycopg3_only`` and *deselected* on
 the other driver: it is not a skip, there is nothing to run.
@@ -24,6 +29,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -35,6 +41,51 @@ import psycopg2
 import pytest
 
 REQUIRE_SERVICES = os.environ.get("HEROKUPOOL_REQUIRE_SERVICES", "") not in ("", "0")
+DRIVERS = ("psycopg2", "psycopg3")
+
+
+def loaded_driver() -> str:
+    """The driver Django's PostgreSQL backend uses in this process: psycopg2 or psycopg3."""
+    from django.db.backends.postgresql.psycopg_any import is_psycopg3
+
+    return "psycopg3" if is_psycopg3 else "psycopg2"
+
+
+def check_driver() -> None:
+    """Refuse the session when Django loaded another driver than HEROKUPOOL_TEST_DRIVER names."""
+    expected = os.environ.get("HEROKUPOOL_TEST_DRIVER", "")
+    if not expected:
+        return
+    if expected not in DRIVERS:
+        raise pytest.UsageError(
+            f"HEROKUPOOL_TEST_DRIVER ({expected!r}) must be one of {', '.join(DRIVERS)}."
+        )
+    actual = loaded_driver()
+    if actual != expected:
+        hint = (
+            "install herokupool[psycopg] (make venv-pg3 builds .venv-pg3 with it)"
+            if expected == "psycopg3"
+            else "use a virtualenv without the psycopg package (make venv builds .venv)"
+        )
+        raise pytest.UsageError(
+            f"HEROKUPOOL_TEST_DRIVER is {expected} but Django loaded {actual} in this "
+            f"virtualenv ({sys.prefix}): {hint}."
+        )
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    import django
+
+    driver = loaded_driver()
+    if driver == "psycopg3":
+        import psycopg
+
+        version = psycopg.__version__
+    else:
+        version = psycopg2.__version__.split()[0]
+    expected = os.environ.get("HEROKUPOOL_TEST_DRIVER")
+    checked = f" (HEROKUPOOL_TEST_DRIVER={expected})" if expected else ""
+    return f"herokupool: driver {driver} {version}{checked}, Django {django.__version__}"
 
 #: Appended to the databases this suite names, so parallel tox cells on one server stay apart.
 DB_SUFFIX = (
@@ -56,6 +107,7 @@ DRIVER_MARKERS = {"psycopg2_only": False, "psycopg3_only": True}
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    check_driver()
     config.addinivalue_line("markers", "psycopg2_only: runs on psycopg2 only (else deselected)")
     config.addinivalue_line("markers", "psycopg3_only: runs on psycopg 3 only (else deselected)")
 
