@@ -87,6 +87,7 @@ def pytest_report_header(config: pytest.Config) -> str:
     checked = f" (HEROKUPOOL_TEST_DRIVER={expected})" if expected else ""
     return f"herokupool: driver {driver} {version}{checked}, Django {django.__version__}"
 
+
 #: Appended to the databases this suite names, so parallel tox cells on one server stay apart.
 DB_SUFFIX = (
     re.sub(r"\W", "_", f"_{os.environ['TOX_ENV_NAME']}") if "TOX_ENV_NAME" in os.environ else ""
