@@ -46,3 +46,10 @@ def pending_notifications(conn: Any) -> list[Any]:
     if hasattr(conn, "pgconn"):
         return list(conn._notifies_backlog or ())
     return list(conn.notifies)
+
+
+def dsn_parameters(conn: Any) -> dict[str, str]:
+    """The libpq parameters a connection was opened with (the password left out)."""
+    if hasattr(conn, "pgconn"):
+        return dict(conn.info.get_parameters())
+    return dict(conn.get_dsn_parameters())
