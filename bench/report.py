@@ -474,7 +474,7 @@ def _render_prepared(results: dict[str, Any], labels: dict[str, str]) -> list[st
     for subject, reference, what in (
         (PREPARED_ON, PREPARED_OFF, "what the prepared statements themselves buy"),
         (PREPARED_ON, PG3_DEFAULT, "against Django's psycopg 3 defaults"),
-        (PG3_DEFAULT, HEROKUPOOL, "psycopg 3 (Django's defaults) against psycopg2"),
+        (PG3_DEFAULT, HEROKUPOOL, "the driver alone, Django's defaults on each"),
     ):
         effect = prepared_effect(results, subject, reference)
         if not effect:

@@ -1,6 +1,7 @@
 """Deadlines for blocking driver calls that cannot take a timeout themselves.
 
-psycopg2's synchronous calls wait in libpq's ``poll()`` with no time limit: a query sent
+The drivers' synchronous calls wait for the socket with no time limit (psycopg2 in libpq's
+``poll()``, psycopg 3 in its own wait loop on the same socket): a query sent
 to a server that stopped answering (frozen, or behind a network path that went silent
 without a FIN or RST) blocks for as long as the kernel keeps the socket open, which
 with a peer that still ACKs is forever.  ``statement_timeout`` cannot help (the server
@@ -8,8 +9,9 @@ is not running), and TCP keepalives only notice a peer that stopped ACKing.
 
 So the pool arms a deadline around each query it runs itself (validation on borrow,
 rollback and reset on release).  When the deadline passes, a watchdog thread shuts the
-socket down: libpq's wait returns, the call fails with ``OperationalError``, and the
-pool discards the connection.
+socket down: the wait sees end-of-file, the call fails with the driver's
+``OperationalError`` (on both drivers: tests/integration/test_drivers.py), and the pool
+discards the connection.
 
 A deadline acts only on the socket it was armed for.  Arming takes a ``dup()`` of the
 descriptor, and the watchdog cuts through that copy, which disarming closes: when libpq

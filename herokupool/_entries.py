@@ -64,6 +64,7 @@ class Entry:
         "since",
         "stack",
         "state",
+        "suspect",
     )
 
     def __init__(self, now: float, owner: weakref.ReferenceType[Any] | None) -> None:
@@ -79,6 +80,10 @@ class Entry:
         self.stack: list[str] | None = None
         self.holder: int | None = None  # the borrowing thread's ident
         self.poller: select.poll | None = None
+        # Something arrived while idle and was read without a query (a sweep): a
+        # notification, or a FATAL whose close has not arrived yet.  The next borrow checks
+        # it with a query.
+        self.suspect = False
 
     def attach(
         self,

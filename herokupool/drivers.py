@@ -33,7 +33,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from collections.abc import Callable
-from operator import attrgetter, methodcaller
+from operator import attrgetter
 from typing import Any, Final
 
 __all__ = [
@@ -92,7 +92,11 @@ class Driver:
 
     #: The driver's top-level package name: ``"psycopg2"`` or ``"psycopg"``.
     name: str = ""
-    #: What the driver raises for a broken, closed or refused connection (plus ``OSError``).
+    #: What the driver raises for a broken, closed or refused connection (plus ``OSError``),
+    #: which the pool turns into a discard.  Anything else reaching the pool's handlers in a
+    #: borrower's thread is an interruption (a signal handler's exception: Celery's
+    #: SoftTimeLimitExceeded is an Exception): the pool cleans up as for any interruption
+    #: and lets it propagate, never swallowing it.
     errors: tuple[type[BaseException], ...] = (OSError,)
     #: The driver's ``OperationalError``.
     operational_error: type[Exception] = OSError
@@ -105,6 +109,9 @@ class Driver:
 
     def __repr__(self) -> str:
         return f"<herokupool driver {self.name}>"
+
+    def adopt(self, conn: Any) -> None:
+        """Called once for each connection the pool opens, before anyone uses it."""
 
     #: ``transaction_status(conn)``: :data:`IDLE`, :data:`ACTIVE`, :data:`INTRANS`,
     #: :data:`INERROR`, :data:`UNKNOWN` or :data:`HELD`.  The connection must not be closed.
@@ -127,6 +134,18 @@ class Driver:
         connection object (what :meth:`reset_session` undoes).  No I/O."""
         raise NotImplementedError
 
+    def untouched(self, conn: Any) -> bool:
+        """True when the connection is open, idle, in autocommit and its session
+        characteristics unchanged: nothing to undo.  The release fast path: one call where
+        :attr:`closed`, :meth:`transaction_status` and :meth:`session_changed` would be
+        three.  No I/O."""
+        return (
+            not self.closed(conn)
+            and self.transaction_status(conn) == IDLE
+            and bool(conn.autocommit)
+            and not self.session_changed(conn)
+        )
+
     def end_transaction(self, conn: Any) -> None:
         """Roll back whatever transaction is open (the driver's own, or a raw ``BEGIN``
         sent in autocommit) and leave the connection in autocommit."""
@@ -143,22 +162,34 @@ class Driver:
 
 
 class Psycopg2(Driver):
-    """psycopg2 2.9."""
+    """psycopg2 2.9.
 
-    def __init__(self) -> None:
+    ``lookalike=True`` serves objects that only have psycopg2's interface (test doubles):
+    it calls their methods by name, where the adapter for real connections calls
+    psycopg2's own C methods, a tenth of the time on the release fast path.
+    """
+
+    def __init__(self, *, lookalike: bool = False) -> None:
         import psycopg2
+        from psycopg2 import extensions as ext
 
         self.name = "psycopg2"
         self.errors = (psycopg2.Error, OSError)
         self.not_reusable = (ValueError, *self.errors)
         self.operational_error = psycopg2.OperationalError
-        # C callables, called with the connection: no Python frame on the fast path (and,
-        # unlike psycopg2's unbound methods, they take any object with these methods).
-        self.transaction_status = methodcaller("get_transaction_status")
-        self.fileno = methodcaller("fileno")
         # poll() reads what is there, dispatching notifications into conn.notifies and
         # notices into conn.notices; it raises OperationalError for a closed connection.
-        self.read_input = methodcaller("poll")
+        if lookalike:
+            self.transaction_status = _call("get_transaction_status")
+            self.fileno = _call("fileno")
+            self.read_input = _call("poll")
+        else:
+            # psycopg2's unbound C methods: no Python frame (operator.methodcaller would
+            # cost ten times as much), and TypeError for anything not a psycopg2
+            # connection, which for_connection() never hands this adapter.
+            self.transaction_status = ext.connection.get_transaction_status
+            self.fileno = ext.connection.fileno
+            self.read_input = ext.connection.poll
 
     def forget_messages(self, conn: Any) -> None:
         if conn.notifies:
@@ -171,6 +202,17 @@ class Psycopg2(Driver):
             conn.isolation_level is not None
             or conn.readonly is not None
             or conn.deferrable is not None
+        )
+
+    def untouched(self, conn: Any) -> bool:
+        # Inline: the release fast path (get_transaction_status() raises once closed).
+        return (
+            not conn.closed
+            and conn.get_transaction_status() == IDLE
+            and conn.autocommit
+            and conn.isolation_level is None
+            and conn.readonly is None
+            and conn.deferrable is None
         )
 
     def end_transaction(self, conn: Any) -> None:
@@ -201,6 +243,14 @@ class Psycopg3(Driver):
         self.errors = (psycopg.Error, OSError)
         self.not_reusable = (ValueError, *self.errors)
         self.operational_error = psycopg.OperationalError
+
+    def adopt(self, conn: Any) -> None:
+        # What psycopg_pool does to its connections: psycopg then does not warn
+        # (ResourceWarning) when one is freed while open.  The pool holds lent connections
+        # weakly so that one its borrower lost is freed, closed by psycopg, and reported by
+        # the pool itself; a child process keeps inherited ones until it exits.  Nothing
+        # else in psycopg reads a None _pool (close() returns to a pool only a true one).
+        conn._pool = None
 
     def transaction_status(self, conn: Any) -> int:
         # Private attributes, read here only: psycopg refuses rollback() inside its own
@@ -241,6 +291,20 @@ class Psycopg3(Driver):
             or conn.deferrable is not None
         )
 
+    def untouched(self, conn: Any) -> bool:
+        # Inline: the release fast path.  A closed connection's status is UNKNOWN (libpq),
+        # so it is never found untouched.
+        return (
+            conn.pgconn.transaction_status == IDLE
+            and not conn._num_transactions
+            and conn._pipeline is None
+            and conn._tpc is None
+            and conn.autocommit
+            and conn.isolation_level is None
+            and conn.read_only is None
+            and conn.deferrable is None
+        )
+
     def end_transaction(self, conn: Any) -> None:
         # psycopg 3's rollback() sends ROLLBACK whenever the server's transaction status
         # is not IDLE, in autocommit too: a raw BEGIN is ended with no extra step.  (It
@@ -266,6 +330,13 @@ class Psycopg3(Driver):
             cursor.execute(sql, prepare=False)
 
 
+def _call(method: str) -> Callable[[Any], Any]:
+    def call(conn: Any) -> Any:
+        return getattr(conn, method)()
+
+    return call
+
+
 _made: dict[str, Driver] = {}
 _CLASSES: Final[dict[str, type[Driver]]] = {"psycopg2": Psycopg2, "psycopg": Psycopg3}
 
@@ -282,22 +353,34 @@ def get(name: str) -> Driver:
 
 
 def available() -> list[str]:
-    """The names of the drivers installed, psycopg2 first."""
-    return [name for name in _CLASSES if importlib.util.find_spec(name) is not None]
+    """The names of the drivers installed and importable, psycopg2 first."""
+    names = []
+    for name in _CLASSES:
+        if importlib.util.find_spec(name) is None:
+            continue
+        try:
+            get(name)
+        except ImportError:  # psycopg without a libpq it can load
+            continue
+        names.append(name)
+    return names
 
 
 def for_connection(conn: Any) -> Driver:
     """The driver a connection comes from: by the package its class (or a base class) is
-    defined in, else by its interface (``get_transaction_status()``: psycopg2; ``pgconn``:
-    psycopg 3).  ``TypeError`` when neither matches."""
+    defined in, else by its interface (``pgconn``: psycopg 3; ``get_transaction_status()``:
+    psycopg2, by an adapter for look-alikes).  ``TypeError`` when neither matches."""
     for cls in type(conn).__mro__:
         package = cls.__module__.partition(".")[0]
         if package in _CLASSES:
             return get(package)
-    if hasattr(conn, "get_transaction_status"):
-        return get("psycopg2")
-    if hasattr(conn, "pgconn"):
+    if hasattr(conn, "pgconn"):  # psycopg2's connections have none (only pgconn_ptr)
         return get("psycopg")
+    if hasattr(conn, "get_transaction_status"):
+        lookalike = _made.get("psycopg2 lookalike")
+        if lookalike is None:
+            lookalike = _made["psycopg2 lookalike"] = Psycopg2(lookalike=True)
+        return lookalike
     raise TypeError(
         f"herokupool cannot pool {type(conn).__qualname__} objects: "
         "connect() must return a psycopg2 or psycopg 3 connection"

@@ -23,8 +23,11 @@ __all__ = ["PoolClosed", "PoolError", "PoolOverloaded", "PoolTimeout"]
 def _bases() -> tuple[type[Exception], ...]:
     if importlib.util.find_spec("psycopg") is None:
         return (psycopg2.OperationalError,)
-    # Not a plain import: psycopg2-only installs type-check this module too.
-    psycopg: Any = importlib.import_module("psycopg")
+    try:
+        # Not a plain import: psycopg2-only installs type-check this module too.
+        psycopg: Any = importlib.import_module("psycopg")
+    except ImportError:  # installed without a libpq it can load: Django cannot use it either
+        return (psycopg2.OperationalError,)
     return (psycopg2.OperationalError, psycopg.OperationalError)
 
 

@@ -59,12 +59,13 @@ from herokupool import _fork, drivers
 from herokupool._deadline import Deadline
 from herokupool._entries import Entries, Entry, State
 from herokupool._housekeeping import FILL, REPAIR, STOP, work
+from herokupool._redact import mask_driver_text
 from herokupool._waiting import Outcome, Waiter, WaitingLine
 from herokupool.drivers import IDLE as _TX_IDLE
 from herokupool.drivers import INERROR as _TX_INERROR
 from herokupool.drivers import INTRANS as _TX_INTRANS
 from herokupool.drivers import Driver
-from herokupool.errors import PoolClosed, PoolOverloaded, PoolTimeout
+from herokupool.errors import PoolClosed, PoolError, PoolOverloaded, PoolTimeout
 from herokupool.metrics import MetricsReporter, WaitWindow
 
 __all__ = ["ConnectionPool"]
@@ -289,7 +290,8 @@ class ConnectionPool:
             idle = entries.idle
             if idle:
                 # The fast path: the top idle connection needs no query (not expired, used
-                # within validate_after, nothing on its socket), so it is lent in one step.
+                # within validate_after, nothing read from or waiting on its socket), so it
+                # is lent in one step.
                 entry = idle[-1]
                 now = self._clock()
                 poller = entry.poller
@@ -298,6 +300,7 @@ class ConnectionPool:
                     and not self.test_on_borrow
                     and (self.validate_after is None or now - entry.last_used < self.validate_after)
                     and poller is not None
+                    and not entry.suspect
                     and not poller.poll(0)
                 ):
                     conn = entries.lend_top(now, get_ident())
@@ -418,10 +421,13 @@ class ConnectionPool:
             # server's goodbye.  read_input() reads it (raising when it sees the close); the
             # query below tells a FATAL whose close has not arrived yet from a notification.
             try:
-                driver.read_input(conn)
+                _read_idle(driver, entry, conn)
             except driver.errors as error:
                 return f"closed ({_first_line(error)})"
             driver.forget_messages(conn)
+        if entry.suspect:  # a sweep read something from it without a query: as readable
+            entry.suspect = False
+            readable = True
         if not (
             readable
             or self.test_on_borrow
@@ -524,22 +530,28 @@ class ConnectionPool:
             # Outside the lock: threads attaching their first connections at once all
             # find the same driver, and the assignment is atomic.
             driver = self._driver = drivers.for_connection(conn)
+        driver.adopt(conn)
         entry.attach(conn, now, self.max_lifetime, self._on_lost, driver.fileno)
 
     def _connect_in(self, entry: Entry) -> Any:
         try:
             return self._connect()
         except BaseException as error:
+            masked = _masked(error) if isinstance(error, Exception) else None
             with self._lock:
                 self._entries.remove(entry)
                 self._counters[CONNECTIONS_FAILED] += 1
                 if isinstance(error, Exception):
-                    self._last_error = error
+                    self._last_error = error if masked is None else masked
                 self._wake_for_slot(refill=False)
             logger.warning(
                 "pool %r: could not open a connection: %s", self.name, _first_line(error)
             )
-            raise
+            if masked is None:
+                raise
+        # Raised here, outside the handler, so that the original (whose text holds what
+        # was masked) is neither its cause nor its context.
+        raise masked
 
     def _opened(self) -> None:
         """Count a connection just opened.  Must be called with the lock held."""
@@ -731,6 +743,8 @@ class ConnectionPool:
     def _reset(self, conn: Any, cleanup: str | None) -> str | None:
         """Make ``conn`` ready for the next borrower; say why not when it cannot be."""
         driver = self._driver
+        if self.prepare_release is None and not (cleanup or self.reset) and driver.untouched(conn):
+            return None  # the common case, in one call: nothing to undo, no round trip
         if driver.closed(conn):
             return "lost"
         status = driver.transaction_status(conn)
@@ -809,10 +823,13 @@ class ConnectionPool:
                 if driver.closed(conn) or entry.poller is None:
                     continue
                 try:
-                    driver.read_input(conn)
+                    _read_idle(driver, entry, conn)
                 except Exception:
                     continue
                 driver.forget_messages(conn)
+                # What was read may be a FATAL whose close is still on its way: the next
+                # borrow of this one runs a query first.
+                entry.suspect = True
                 alive.append(entry)
         finally:
             dead = []
@@ -1110,6 +1127,42 @@ def _detach_socket(conn: Any, driver: Driver) -> None:
         pass
 
 
+#: Most reads of an idle socket per check: a killed backend's FATAL and its close may take
+#: two; a stream of notifications must not keep a check reading.
+_MAX_IDLE_READS: Final = 4
+
+
+def _read_idle(driver: Driver, entry: Entry, conn: Any) -> None:
+    """Read what arrived on an idle connection until its socket is quiet (at most
+    :data:`_MAX_IDLE_READS` reads); raise the driver's error when the server closed it.
+
+    One read is not enough: libpq hands an error that arrives while idle (a terminated
+    backend's FATAL) to the notice processor and sees the close that follows only at the
+    next read, so a single read would keep a dead connection until the next sweep.
+    """
+    for _ in range(_MAX_IDLE_READS):
+        driver.read_input(conn)
+        if not entry.readable():
+            return
+
+
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
+    text = mask_driver_text(str(error)).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def _masked(error: Exception) -> Exception | None:
+    """A copy of a driver's ``error`` with what may be a password masked (see
+    :func:`~herokupool._redact.mask_driver_text`), of the same type where it can be made;
+    None when there was nothing to mask."""
+    text = str(error)
+    masked = mask_driver_text(text)
+    if masked == text:
+        return None
+    try:
+        copy = type(error)(masked)
+    except Exception:
+        copy = PoolError(masked)  # an OperationalError of every driver installed
+    if str(copy) != masked:  # a type whose str() is not its argument
+        copy = PoolError(masked)
+    return copy

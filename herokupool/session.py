@@ -68,12 +68,19 @@ __all__ = [
     "ROLE",
     "ROLE_RESET",
     "TEMP",
+    "SessionNotReusable",
     "changes",
     "changes_and_forgets",
     "forgets_prepared",
     "prepared_names",
     "undo",
 ]
+
+
+class SessionNotReusable(ValueError):
+    """Raised by a driver layer's ``prepare_release`` when the session cannot be made new
+    again (``LOAD``, state the driver cannot restore): the pool then closes it."""
+
 
 GUC: Final = 1
 ROLE: Final = 2

@@ -33,6 +33,7 @@ import psycopg2
 from psycopg2 import extensions as ext
 
 from herokupool import session
+from herokupool.session import SessionNotReusable
 
 __all__ = [
     "SessionNotReusable",
@@ -47,11 +48,6 @@ __all__ = [
 _PRUNE_AT = 256
 
 _ROLE_UNKNOWN: Any = object()
-
-
-class SessionNotReusable(ValueError):
-    """Raised by :func:`prepare_release` when the session cannot be made new again
-    (``LOAD``): the pool then closes it."""
 
 
 class TrackedConnection(ext.connection):

@@ -52,7 +52,7 @@ from psycopg.rows import tuple_row
 from psycopg.types import TypesRegistry
 
 from herokupool import session
-from herokupool.tracked import SessionNotReusable
+from herokupool.session import SessionNotReusable
 
 __all__ = [
     "TrackedConnection",
@@ -129,6 +129,13 @@ class TrackedConnection(psycopg.Connection[Any]):
         self._adapters = _LoanAdapters(self._template)
         self._baseline = self._client_state()
 
+    def keep_adapters(self) -> None:
+        """The adapters registered on the connection so far this loan are the backend's
+        set-up for it (PostGIS's), not a borrower's change: the release keeps them, and
+        the next borrow's set-up registers them again."""
+        adapters: Any = self._adapters
+        adapters.herokupool_changed = False
+
     def _client_state(self) -> tuple[Any, ...]:
         return (
             self.cursor_factory,
@@ -142,12 +149,17 @@ class TrackedConnection(psycopg.Connection[Any]):
         """Start a loan: forget what the pool itself ran between loans, and note the
         session characteristics the borrower's set-up gave it, which the release keeps."""
         self.herokupool_flags = 0
+        if self.herokupool_prepared:
+            self.herokupool_prepared = set()
+        self.herokupool_forgot = False  # the last release's own DEALLOCATE ALL, if any
         self._characteristics = (self.isolation_level, self.read_only, self.deferrable)
         self._loan_open = True
 
     def note(self, flags: int, query: str) -> None:
         """Record session changes (``session.*`` flags) made by the current loan's
         ``query``."""
+        if not self._loan_open:
+            return  # the pool's own statements between loans (validation, the undo)
         if flags & session.FORGETS:
             self.note_forgotten(query)
             flags &= ~session.FORGETS
@@ -174,6 +186,11 @@ class TrackedConnection(psycopg.Connection[Any]):
             else:
                 everything = True  # perhaps psycopg's own
         if everything:
+            # psycopg would otherwise go on executing statements by names the server is
+            # about to forget (within this loan too, where a new connection would not
+            # have prepared them yet).  Should the statement fail, the server keeps them
+            # unknown to psycopg: the release's DEALLOCATE ALL drops them.
+            self.forget_prepared()
             self.herokupool_forgot = True
 
     def cursor(self, *args: Any, **kwargs: Any) -> Any:
@@ -224,12 +241,17 @@ class TrackedConnection(psycopg.Connection[Any]):
     def client_state_changed(self) -> bool:
         """Whether the loan left client-side state behind (see :func:`prepare_release`)."""
         characteristics = self._characteristics
+        baseline = self._baseline
         adapters: Any = self._adapters
         return bool(
             self._handlers
             or self._notifies_backlog
             or adapters.herokupool_changed
-            or self._client_state() != self._baseline
+            or self.cursor_factory is not baseline[0]
+            or self.server_cursor_factory is not baseline[1]
+            or self.row_factory is not baseline[2]
+            or self.prepare_threshold != baseline[3]
+            or self.prepared_max != baseline[4]
             or self.isolation_level != characteristics[0]
             or self.read_only != characteristics[1]
             or self.deferrable != characteristics[2]
@@ -269,7 +291,7 @@ def prepare_release(conn: Any, reset_forgets: bool = False) -> str | None:
     ``reset_forgets``: the pool's ``RESET`` makes the server forget prepared statements
     (``DISCARD ALL``): psycopg's cache is emptied on every release.
 
-    No I/O and no lock.  Raises :class:`~herokupool.tracked.SessionNotReusable` when the
+    No I/O and no lock.  Raises :class:`~herokupool.session.SessionNotReusable` when the
     session cannot be made new again (a ``LOAD``; a ``with conn.transaction()`` block, a
     pipeline or a two-phase transaction still open; the isolation level, read-only or
     deferrable changed on the connection): the pool then closes it.  Connections that
@@ -352,6 +374,19 @@ class _Tracking:
         super().close()  # type: ignore[misc]
 
 
+class _Named(_Tracking):
+    """Mixed into server-side cursors: psycopg writes their ``DECLARE`` itself, so a
+    ``WITH HOLD`` one (Django's in autocommit) is recorded here, for the release's
+    ``CLOSE ALL``."""
+
+    __slots__ = ()
+
+    def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
+        if self._withhold:  # type: ignore[attr-defined]
+            self._conn.note(session.CURSOR, "")  # type: ignore[attr-defined]
+        return super().execute(query, params, **kwargs)
+
+
 def _record(cursor: Any, query: Any) -> None:
     if isinstance(query, str):  # str subclasses too: Django's SafeString
         text = query
@@ -389,7 +424,8 @@ _classes: dict[type, type] = {}
 def _tracking_class(factory: type) -> type:
     cls = _classes.get(factory)
     if cls is None:
+        mixin = _Named if issubclass(factory, psycopg.ServerCursor) else _Tracking
         cls = _classes[factory] = type(
-            f"Tracked{factory.__name__}", (_Tracking, factory), {"__slots__": ()}
+            f"Tracked{factory.__name__}", (mixin, factory), {"__slots__": ()}
         )
     return cls

@@ -459,3 +459,14 @@ def test_an_invalid_isolation_level_is_refused_before_borrowing(
         wrapper.ensure_connection()
     assert wrapper.connection is None
     assert sessions() == 0, "no connection was borrowed, so none is left held"
+
+
+def test_djangos_own_pool_is_never_made(make_wrapper: MakeWrapper) -> None:
+    """One pool per alias: the ENGINE's, never Django's psycopg 3 pool beside it."""
+    from django.db.backends.postgresql.base import DatabaseWrapper as StockWrapper
+
+    wrapper = make_wrapper(MAX_CONNS=1)
+    backend_pid(wrapper)
+    assert wrapper.pool is None
+    wrapper.close()
+    assert wrapper.alias not in StockWrapper._connection_pools

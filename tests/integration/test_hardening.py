@@ -41,6 +41,7 @@ from django.db import (
 import herokupool
 from devtools.relay import TcpRelay
 from herokupool.pool import ConnectionPool
+from tests.drivers import INSTALLED, connector, pending_notifications
 from tests.helpers import Interrupted, interrupting, wait_until
 from tests.integration.conftest import (
     MakeCluster,
@@ -746,17 +747,16 @@ def test_the_timeout_message_names_the_executor_thread_holding_a_connection(
     counters_exact(herokupool.stats()[alias])
 
 
-def test_pool_connection_context_manager_against_a_real_server(dsn: str, table: str) -> None:
-    def connect() -> Any:
-        conn = psycopg2.connect(dsn)
-        conn.autocommit = True
-        return conn
-
-    pool = ConnectionPool(connect, name="ctx", max_conns=1, timeout=2)
+@pytest.mark.parametrize("driver_name", INSTALLED)
+def test_pool_connection_context_manager_against_a_real_server(
+    driver_name: str, dsn: str, table: str
+) -> None:
+    pool = ConnectionPool(connector(driver_name, dsn), name="ctx", max_conns=1, timeout=2)
     try:
         with pool.connection() as conn, conn.cursor() as cursor:
             cursor.execute("SELECT pg_backend_pid()")
             pid = cursor.fetchone()[0]
+            assert type(conn).__module__.partition(".")[0] == driver_name
             assert pool.stats()["in_use"] == 1
         assert pool.stats()["in_use"] == 0
 
@@ -813,14 +813,11 @@ def test_a_thread_ending_with_a_connection_after_close_pools_closes_it_at_once(
 # ------------------------------------------------- issue 16: a readable socket is not dead
 
 
+@pytest.mark.parametrize("driver_name", INSTALLED)
 def test_an_idle_connection_with_pending_notifications_is_neither_swept_nor_grows(
-    dsn: str, admin: Any, app_name: str
+    driver_name: str, dsn: str, admin: Any, app_name: str
 ) -> None:
-    def connect() -> Any:
-        conn = psycopg2.connect(dsn, application_name=app_name)
-        conn.autocommit = True
-        return conn
-
+    connect = connector(driver_name, dsn, application_name=app_name)
     channel = f"hp_{uuid.uuid4().hex[:8]}"
     notifier = psycopg2.connect(dsn)  # NOTIFY reaches listeners of the same database
     notifier.autocommit = True
@@ -852,7 +849,7 @@ def test_an_idle_connection_with_pending_notifications_is_neither_swept_nor_grow
             assert cursor.fetchone()[0] == pid
         # What arrived while idle is not handed to the borrower (a notification sent while
         # the borrow checked the connection may still be read along with its query).
-        assert len(listener.notifies) <= 1, listener.notifies
+        assert len(pending_notifications(listener)) <= 1, pending_notifications(listener)
         for conn in both:
             pool.release(conn)
         assert pool.stats()["connections_lost"] == 0

@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import herokupool
 import herokupool.prometheus
 from herokupool.errors import PoolOverloaded, PoolTimeout
+from tests.drivers import INSTALLED
 from tests.integration.conftest import MakeWrapper
 
 pytestmark = pytest.mark.integration
@@ -206,17 +207,13 @@ def test_no_password_in_any_metric_log_line_or_error(
 
 MULTIPROCESS_WORKER = """
 import os, sys
-import psycopg2
 import herokupool.prometheus
 from herokupool.pool import ConnectionPool
+from tests.drivers import connector
 
 herokupool.prometheus.register()
 
-
-def connect():
-    conn = psycopg2.connect(sys.argv[1])
-    conn.autocommit = True
-    return conn
+connect = connector(sys.argv[3], sys.argv[1])
 
 
 pool = ConnectionPool(connect, name="mp", max_conns=4, background=False)
@@ -229,8 +226,9 @@ print(os.getpid())
 
 
 @pytest.mark.urls(__name__)
+@pytest.mark.parametrize("driver_name", INSTALLED)
 def test_multiprocess_mode_reports_every_worker(
-    dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    driver_name: str, dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Two processes in prometheus_client's multiprocess mode (as gunicorn workers are); one
     scrape through django-prometheus sees both: gauges per pid, counters summed."""
@@ -238,7 +236,7 @@ def test_multiprocess_mode_reports_every_worker(
     pids = {}
     for borrowed in (1, 3):
         worker = subprocess.run(
-            [sys.executable, "-c", MULTIPROCESS_WORKER, dsn, str(borrowed)],
+            [sys.executable, "-c", MULTIPROCESS_WORKER, dsn, str(borrowed), driver_name],
             env=env, capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip
         assert worker.returncode == 0, worker.stderr

@@ -30,12 +30,13 @@ import psycopg2
 import pytest
 from django.db import connections, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
-from psycopg2 import extensions as ext
+from django.db.backends.postgresql.psycopg_any import IsolationLevel
 
 import herokupool
 from devtools.pgbouncer import PgBouncer, find_pgbouncer
 from herokupool import registry
 from tests.conftest import Server, require
+from tests.integration.conftest import IDLE, transaction_status
 from tests.testapp.models import Item
 
 pytestmark = [pytest.mark.integration, pytest.mark.pgbouncer]
@@ -433,7 +434,7 @@ def test_an_open_transaction_is_rolled_back_on_release_and_frees_the_server(
     reader = make_wrapper(max_conns=1, test_on_borrow=True)
     reader.ensure_connection()
     assert reader.connection is conn, "the same client connection, kept by the pool"
-    assert reader.connection.get_transaction_status() == ext.TRANSACTION_STATUS_IDLE
+    assert transaction_status(reader.connection) == IDLE
     assert count_items(reader, name) == 0, "the uncommitted row was rolled back"
     stats = herokupool.stats()[alias]
     assert stats["validations"] == 1, "SELECT 1 through PgBouncer on borrowing an idle one"
@@ -517,7 +518,7 @@ def test_an_isolation_level_option_never_leaks_to_other_pgbouncer_clients(
     other = None
     try:
         settings = bouncer_settings(via=own, max_conns=1)
-        settings["OPTIONS"]["isolation_level"] = ext.ISOLATION_LEVEL_SERIALIZABLE
+        settings["OPTIONS"]["isolation_level"] = IsolationLevel.SERIALIZABLE
         other = psycopg2.connect(own.dsn(bouncer_db))
         other.autocommit = True
 
@@ -544,3 +545,45 @@ def test_an_isolation_level_option_never_leaks_to_other_pgbouncer_clients(
             other.close()
         registry.close(alias)
         own.stop()
+
+
+def test_server_side_binding_without_prepared_statements_works_through_pgbouncer(
+    bouncer_settings: Callable[..., dict[str, Any]], alias: str, bouncer_db: str, pg_server: Server
+) -> None:
+    """Django's advice for PgBouncer in transaction mode on psycopg 3: no server-side
+    prepared statements (``prepare_threshold`` None, Django's default), which holds with
+    ``server_side_binding`` too.  4 threads x 25 requests of the same ORM queries through
+    PgBouncer's 3 server connections, on 2 pooled client connections: every one answers
+    (a statement prepared on one server connection and executed by name on another would
+    fail).  On psycopg2, which never prepares, the same settings but ``server_side_binding``,
+    which only psycopg 3 knows."""
+    from django.db import close_old_connections
+    from django.db.backends.postgresql.psycopg_any import is_psycopg3
+
+    settings = bouncer_settings(max_conns=2)
+    if is_psycopg3:
+        settings["OPTIONS"]["server_side_binding"] = True
+    assert settings["OPTIONS"].get("prepare_threshold") is None
+    connections.settings[alias] = settings
+    try:
+        name = f"ssb-{uuid.uuid4().hex[:8]}"
+
+        def worker(index: int) -> None:
+            for n in range(25):
+                try:
+                    Item.objects.using(alias).create(name=f"{name}-{index}-{n}")
+                    assert Item.objects.using(alias).filter(name__startswith=name).count() >= 1
+                finally:
+                    close_old_connections()
+
+        assert run_threads(4, worker) == []
+        check = pg_server.connect(bouncer_db)
+        try:
+            with check.cursor() as cursor:
+                cursor.execute("SELECT count(*) FROM testapp_item WHERE name LIKE %s", [name + "%"])
+                assert cursor.fetchone()[0] == 100
+        finally:
+            check.close()
+    finally:
+        registry.close(alias)
+        connections.settings.pop(alias, None)

@@ -6,6 +6,7 @@ reaches the server through libpq's ``hostaddr``, as a Heroku dyno reaches its da
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from urllib.parse import urlsplit, urlunsplit
 
@@ -13,7 +14,10 @@ import pytest
 from django.db import OperationalError, connections
 
 import herokupool
-from herokupool import registry
+from herokupool import drivers, registry
+from herokupool.config import with_ssl_hint
+from herokupool.pool import ConnectionPool
+from tests.drivers import INSTALLED, connector
 
 pytestmark = pytest.mark.integration
 
@@ -86,3 +90,38 @@ def test_an_sslmode_the_user_chose_keeps_libpqs_error(
         wrapper.ensure_connection()
     assert "server does not support SSL, but SSL was required" in str(info.value)
     assert "herokupool" not in str(info.value)
+
+
+@pytest.mark.parametrize("driver_name", INSTALLED)
+def test_each_drivers_error_gets_the_hint_through_the_pool(
+    driver_name: str,
+    monkeypatch: pytest.MonkeyPatch,
+    remote_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """psycopg 3 words libpq's error differently ("connection failed: ..."): the hint is
+    added all the same, as the driver's own OperationalError, and the pool passes it on."""
+    monkeypatch.setenv("DYNO", "web.1")
+    monkeypatch.setenv("DATABASE_URL", remote_url)
+    settings = herokupool.config()["default"]
+    url = remote_url + "&sslmode=require"  # what the backend's connect() would send
+    pool = ConnectionPool(
+        with_ssl_hint(connector(driver_name, url), settings), name="ssl", background=False
+    )
+    try:
+        with (
+            caplog.at_level(logging.WARNING, logger="herokupool"),
+            pytest.raises(drivers.get(driver_name).operational_error) as info,
+        ):
+            pool.borrow()
+    finally:
+        pool.close()
+    message = str(info.value)
+    assert "server does not support SSL, but SSL was required" in message
+    assert "herokupool required SSL (sslmode=require) because DYNO is set" in message
+    assert isinstance(info.value.__cause__, drivers.get(driver_name).operational_error)
+    logged = " ".join(record.getMessage() for record in caplog.records)
+    assert "could not open a connection" in logged
+    password = urlsplit(url).password
+    for text in (message, logged, repr(info.value)):
+        assert not password or password not in text

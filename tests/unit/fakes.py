@@ -1,4 +1,11 @@
-"""Fake connections and a fake clock for unit tests of the pool logic (no database)."""
+"""Fake connections and a fake clock for unit tests of the pool logic (no database).
+
+:class:`FakeConnection` has the part of psycopg2's interface the pool's psycopg2 adapter
+uses; :class:`FakePsycopg3Connection` adds what its psycopg 3 adapter uses (``pgconn``,
+psycopg 3's ``rollback()`` and ``autocommit`` rules), raising psycopg's errors.
+:class:`FakeDriver` makes connections of the flavour set by the ``flavour`` fixture
+(tests/unit/conftest.py): every driver installed.
+"""
 
 from __future__ import annotations
 
@@ -34,15 +41,15 @@ class FakeCursor:
     def __exit__(self, *exc: object) -> None:
         pass
 
-    def execute(self, sql: str) -> None:
+    def execute(self, sql: str, **kwargs: Any) -> None:
         conn = self.conn
         if conn.interrupt is not None:
             raise conn.interrupt
         if conn.hang:
             conn.wait_for_server()
-        if conn.closed or conn.server_gone:
+        if conn.closed or conn.server_gone or conn.ending:
             conn.closed = 2
-            raise psycopg2.OperationalError("server closed the connection unexpectedly")
+            raise conn.OperationalError("server closed the connection unexpectedly")
         conn.executed.append(sql)
         command = sql.strip().upper()
         if command == "BEGIN":
@@ -63,6 +70,9 @@ class FakeConnection:
     ``interrupt`` is raised by the next query or rollback (a signal handler's exception).
     """
 
+    OperationalError: ClassVar[type[Exception]] = psycopg2.OperationalError
+    InterfaceError: ClassVar[type[Exception]] = psycopg2.InterfaceError
+
     _ids = itertools.count(1)
     # Weak: a test may drop every reference to a connection (a borrower that lost it); its
     # sockets are then closed as psycopg2's deallocation closes a connection's.
@@ -79,6 +89,8 @@ class FakeConnection:
         self.executed: list[str] = []
         self.rollbacks = 0
         self.server_gone = False
+        # The server sent its FATAL and is closing: reading succeeds, a query fails.
+        self.ending = False
         self.hang = False
         self.interrupt: BaseException | None = None
         self.notifies: list[object] = []
@@ -101,13 +113,13 @@ class FakeConnection:
 
     def rollback(self) -> None:
         if self.closed:
-            raise psycopg2.InterfaceError("connection already closed")
+            raise self.InterfaceError("connection already closed")
         if self.interrupt is not None:
             raise self.interrupt
         if self.hang:
             self.wait_for_server()
             self.closed = 2
-            raise psycopg2.OperationalError("server closed the connection unexpectedly")
+            raise self.OperationalError("server closed the connection unexpectedly")
         self.rollbacks += 1
         if self.autocommit:
             return  # as psycopg2: in autocommit it sends nothing, whatever the server's state
@@ -117,15 +129,15 @@ class FakeConnection:
         """As psycopg2's: read what the server sent (here: notifications); raise when the
         server closed the connection."""
         if self.closed:
-            raise psycopg2.InterfaceError("connection already closed")
+            raise self.InterfaceError("connection already closed")
         if self.server_gone:
             self.closed = 2
-            raise psycopg2.OperationalError("server closed the connection unexpectedly")
+            raise self.OperationalError("server closed the connection unexpectedly")
         while select.select([self._client], [], [], 0)[0]:
             data = self._client.recv(4096)
             if not data:
                 self.closed = 2
-                raise psycopg2.OperationalError("server closed the connection unexpectedly")
+                raise self.OperationalError("server closed the connection unexpectedly")
             self.notifies.extend(data.split())
         return ext.POLL_OK
 
@@ -162,6 +174,123 @@ class FakeConnection:
         self.status = ext.TRANSACTION_STATUS_INTRANS
 
 
+class FakePgconn:
+    """psycopg 3's ``conn.pgconn``, as far as the adapter uses it.  Holds its connection
+    weakly, as psycopg's handlers do: dropping the connection frees it at once."""
+
+    def __init__(self, conn: FakePsycopg3Connection) -> None:
+        self._conn = weakref.ref(conn)
+        self._pending: list[object] = []
+        self.notify_handler: Any = None
+
+    def _get(self) -> FakePsycopg3Connection:
+        conn = self._conn()
+        assert conn is not None
+        return conn
+
+    @property
+    def transaction_status(self) -> int:
+        return self._get().get_transaction_status()
+
+    @property
+    def socket(self) -> int:
+        conn = self._get()
+        if conn.closed:
+            raise conn.OperationalError("the connection is lost")
+        return conn.fileno()
+
+    def consume_input(self) -> None:
+        """As libpq's: read the socket, raise when the server closed it."""
+        conn = self._get()
+        if conn.closed or conn.server_gone:
+            conn.closed = 2
+            raise conn.OperationalError("consuming input failed: server closed the connection")
+        while select.select([conn._client], [], [], 0)[0]:
+            data = conn._client.recv(4096)
+            if not data:
+                conn.closed = 2
+                raise conn.OperationalError("consuming input failed: server closed the connection")
+            self._pending.extend(data.split())
+
+    def notifies(self) -> object | None:
+        return self._pending.pop(0) if self._pending else None
+
+
+class FakePsycopg3Connection(FakeConnection):
+    """:class:`FakeConnection` with psycopg 3's interface and rules: ``rollback()`` ends
+    whatever the server has open (autocommit or not) and is refused inside a
+    ``transaction()`` block; ``autocommit`` cannot change inside a transaction; no
+    ``notices`` are kept; notifications wait in ``_notifies_backlog`` (the same list as
+    ``notifies`` here, for the tests)."""
+
+    def __init__(self) -> None:
+        import psycopg
+
+        self._psycopg = psycopg
+        self._autocommit = True
+        super().__init__()
+        self.read_only: bool | None = None
+        self._num_transactions = 0
+        self._pipeline: object | None = None
+        self._tpc: object | None = None
+        self.pgconn = FakePgconn(self)
+        self.pgconn.notify_handler = self.notifies.append
+
+    def __repr__(self) -> str:
+        return f"<FakePsycopg3Connection {self.id}>"
+
+    @property
+    def OperationalError(self) -> type[Exception]:
+        return self._psycopg.OperationalError
+
+    @property
+    def InterfaceError(self) -> type[Exception]:
+        return self._psycopg.InterfaceError
+
+    @property
+    def _notifies_backlog(self) -> list[object]:
+        return self.notifies
+
+    @property
+    def autocommit(self) -> bool:
+        return self._autocommit
+
+    @autocommit.setter
+    def autocommit(self, value: bool) -> None:
+        if getattr(self, "status", ext.TRANSACTION_STATUS_IDLE) != ext.TRANSACTION_STATUS_IDLE:
+            raise self._psycopg.ProgrammingError("can't change 'autocommit' now")
+        self._autocommit = value
+
+    def rollback(self) -> None:
+        if self._num_transactions:
+            raise self._psycopg.ProgrammingError("Explicit rollback() forbidden")
+        if self.closed:
+            raise self.OperationalError("the connection is closed")
+        if self.interrupt is not None:
+            raise self.interrupt
+        if self.hang:
+            self.wait_for_server()
+            self.closed = 2
+            raise self.OperationalError("server closed the connection unexpectedly")
+        self.rollbacks += 1
+        if self.status != ext.TRANSACTION_STATUS_IDLE:
+            self.executed.append("ROLLBACK")  # whatever opened it: a raw BEGIN too
+            self.status = ext.TRANSACTION_STATUS_IDLE
+
+    def begin(self) -> None:
+        self.autocommit = False
+        self.status = ext.TRANSACTION_STATUS_INTRANS
+
+
+#: The fake connection class of each driver, by the driver's name.
+FLAVOURS: dict[str, type[FakeConnection]] = {
+    "psycopg2": FakeConnection,
+    "psycopg": FakePsycopg3Connection,
+}
+#: The flavour FakeDriver makes: set by the ``flavour`` fixture.
+flavour = "psycopg2"
+
+
 def _close_both(client: socket.socket, server: socket.socket) -> None:
     client.close()
     server.close()
@@ -184,7 +313,7 @@ class FakeDriver:
     def __call__(self) -> FakeConnection:
         if self.fail_with is not None:
             raise self.fail_with
-        conn = FakeConnection()
+        conn = FLAVOURS[flavour]()
         with self.lock:
             self.count += 1
             self.all.add(conn)

@@ -60,7 +60,7 @@ def test_a_connection_of_neither_driver_is_refused_at_first_borrow() -> None:
 def test_the_pool_picks_the_driver_from_its_first_connection() -> None:
     pool = ConnectionPool(FakeDriver(), name="fake", background=False)
     pool.release(pool.borrow())
-    assert pool._driver is drivers.get("psycopg2")  # a psycopg2-shaped fake
+    assert pool._driver is drivers.for_connection(FakeConnection())  # a psycopg2-shaped fake
     pool.close()
 
 
@@ -76,8 +76,12 @@ def test_status_names() -> None:
     assert drivers.status_name(42) == "42"
 
 
-def test_the_fakes_look_like_psycopg2() -> None:
-    assert drivers.for_connection(FakeConnection()) is drivers.get("psycopg2")
+def test_a_psycopg2_look_alike_gets_an_adapter_that_calls_its_methods_by_name() -> None:
+    driver = drivers.for_connection(FakeConnection())
+    assert driver.name == "psycopg2"
+    assert driver is not drivers.get("psycopg2"), "that one calls psycopg2's C methods"
+    assert driver is drivers.for_connection(FakeConnection())
+    assert driver.transaction_status(FakeConnection()) == drivers.IDLE
 
 
 # ------------------------------------------------------------------------------ errors
@@ -120,3 +124,70 @@ def test_pool_errors_pickle(error: PoolError) -> None:
     again = pickle.loads(pickle.dumps(error))
     assert type(again) is type(error)
     assert str(again) == str(error)
+
+
+# --------------------------------------------------------------- through each adapter
+
+
+def test_a_transaction_the_driver_holds_is_discarded_not_rolled_back(flavour: str) -> None:
+    """psycopg 3 refuses rollback() inside its own transaction() block, whose exit would
+    later act on the connection: the pool closes it.  psycopg2's own transaction is
+    rolled back and the connection kept."""
+    driver = FakeDriver()
+    pool = ConnectionPool(driver, name="held", background=False)
+    conn = pool.borrow()
+    conn.begin()
+    if flavour == "psycopg":
+        conn._num_transactions = 1  # inside `with conn.transaction():`
+    pool.release(conn)
+    stats = pool.stats()
+    if flavour == "psycopg":
+        assert conn.closed
+        assert (stats["connections_discarded"], conn.rollbacks) == (1, 0)
+    else:
+        assert not conn.closed
+        assert (stats["connections_discarded"], conn.rollbacks) == (0, 1)
+    pool.close()
+
+
+@pytest.mark.parametrize(
+    ("text", "masked"),
+    [
+        (
+            'invalid dsn: missing "=" after "s3cret" in connection info string\n',
+            'invalid dsn: missing "=" after "********" in connection info string\n',
+        ),
+        (
+            'invalid percent-encoded token: "s3cret%zz"\n',
+            'invalid percent-encoded token: "********"\n',
+        ),
+        ("host=db password=s3cret port=5432", "host=db password=******** port=5432"),
+        ("host=db password = 'a \\' b' port=5432", "host=db password = ******** port=5432"),
+        ("postgres://me:s3cret@db:5432/app", "postgres://me:********@db:5432/app"),
+        ("postgres://me@db/app", "postgres://me@db/app"),
+        (
+            'connection failed: connection to server at "10.0.0.1", port 5432 failed: FATAL:  '
+            'password authentication failed for user "me"',
+            'connection failed: connection to server at "10.0.0.1", port 5432 failed: FATAL:  '
+            'password authentication failed for user "me"',
+        ),
+    ],
+)
+def test_what_may_be_a_password_is_masked_in_driver_texts(text: str, masked: str) -> None:
+    from herokupool._redact import mask_driver_text
+
+    assert mask_driver_text(text) == masked
+
+
+def test_a_driver_that_cannot_be_imported_is_not_available(monkeypatch: pytest.MonkeyPatch) -> None:
+    """psycopg installed without a libpq it can load raises ImportError on import."""
+    real = drivers.get
+
+    def get(name: str) -> drivers.Driver:
+        if name == "psycopg":
+            raise ImportError("no pq wrapper available")
+        return real(name)
+
+    monkeypatch.setattr(drivers, "get", get)
+    monkeypatch.setattr(drivers.importlib.util, "find_spec", lambda name: object())
+    assert drivers.available() == ["psycopg2"]

@@ -18,6 +18,9 @@ from herokupool.pool import ConnectionPool
 from tests.helpers import wait_until
 from tests.unit.fakes import FakeClock, FakeConnection, FakeDriver
 
+# Every test here runs once per driver installed (see tests/unit/conftest.py).
+pytestmark = pytest.mark.usefixtures("flavour")
+
 
 def make_pool(driver: FakeDriver | None = None, **kwargs: object) -> ConnectionPool:
     kwargs.setdefault("background", False)

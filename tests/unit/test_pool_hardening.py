@@ -24,6 +24,9 @@ from tests.helpers import Interrupted, interrupting, wait_until
 from tests.unit.fakes import FakeClock, FakeConnection, FakeDriver
 from tests.unit.test_pool import make_pool
 
+# Every test here runs once per driver installed (see tests/unit/conftest.py).
+pytestmark = pytest.mark.usefixtures("flavour")
+
 
 def assert_exact(pool: ConnectionPool) -> dict[str, int | float]:
     stats = pool.stats()
@@ -460,3 +463,41 @@ def test_a_signal_handlers_exception_is_never_swallowed(step: str) -> None:
     stats = assert_exact(pool)
     assert (stats["in_use"], stats["idle"]) == (0, 0)
     assert pool.borrow(timeout=0.1) is not conn, "the slot is free again"
+
+
+def test_a_connection_found_readable_by_a_sweep_is_validated_before_it_is_lent() -> None:
+    """A killed backend sends its FATAL before it closes the socket.  A sweep that reads the
+    FATAL before the close arrives cannot tell it from a notification: the connection stays,
+    but the next borrow must check it with a query, however recently it was used."""
+    driver = FakeDriver()
+    pool = make_pool(driver, max_conns=2, validate_after=0.5)
+    a, b = pool.borrow(), pool.borrow()
+    pool.release(a)
+    pool.release(b)  # b on top of the idle stack
+    a.notify(b"FATAL")  # a's backend was terminated: its FATAL arrived, not yet the close
+    a.ending = True
+    b.kill()
+    conn = pool.borrow()  # b is found dead; the sweep reads a's FATAL and keeps a
+    assert conn is not a, "a connection that had traffic while idle was lent unchecked"
+    assert conn is not b
+    stats = pool.stats()
+    assert stats["connections_lost"] == 2, stats
+    assert stats["borrows"] == stats["releases"] + stats["in_use"], stats
+    pool.release(conn)
+
+
+def test_a_connection_a_maintenance_sweep_read_from_is_not_lent_by_the_fast_path() -> None:
+    driver = FakeDriver()
+    pool = make_pool(driver, max_conns=2, validate_after=0.5)
+    a, b = pool.borrow(), pool.borrow()
+    pool.release(a)
+    pool.release(b)
+    a.notify(b"FATAL")  # its FATAL arrived, not yet the close
+    a.ending = True
+    b.kill()
+    pool.run_maintenance()  # the sweep: b is dead, a is kept (only read, not queried)
+    assert pool.stats()["idle"] == 1
+    conn = pool.borrow()  # a is on top, its socket quiet, used just now
+    assert conn is not a, "the fast path lent a connection a sweep could not vouch for"
+    pool.release(conn)
+    assert pool.stats()["connections_lost"] == 2

@@ -11,8 +11,15 @@ what it sees without a pool); only beneath them, ``get_new_connection()`` borrow
 ``_close()`` releases.  What makes that fast is caching what really is per wrapper (the
 connection parameters, the pool) and not redoing per borrow what the pooled session
 already has (the isolation level, the assumed role).  What makes it faithful is the
-session tracking of :mod:`herokupool.tracked`: the loan's cursors end with it, and the
+session tracking of :mod:`herokupool.tracked` (psycopg2) or
+:mod:`herokupool.tracked_psycopg` (psycopg 3): the loan's cursors end with it, and the
 release undoes exactly the session state the loan changed.
+
+What differs between the drivers (opening a connection as Django's ``get_new_connection()``
+does on it, the tracked connection class, what a closed connection raises, reading a
+reported parameter, libpq's version, the release hook) is in one module per driver,
+``_psycopg2`` and ``_psycopg``, with the same names; this mixin imports the one Django's
+own backend chose (psycopg 3 when importable) as ``driver``.
 
 A borrowed connection is recorded in a :class:`_Loan` held by the wrapper.  Two things
 watch it, so that a connection whose borrower is gone comes back without anyone calling

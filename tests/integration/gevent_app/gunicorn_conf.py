@@ -3,6 +3,10 @@
 The gevent worker monkey-patches the standard library when it starts; psycogreen makes
 psycopg2 wait for the server through gevent instead of blocking the whole worker.  Both
 must happen in the worker, after fork: post_fork is the hook that runs there first.
+psycopg 3 needs no such patch: it waits through gevent when it finds the standard library
+patched as it is imported, which is after this hook (gunicorn's gevent worker patches after
+post_fork): nothing here may import it, or Django's backend (which imports it).  The patch
+itself only touches psycopg2, harmless when psycopg 3 is the driver.
 """
 
 worker_class = "gevent"

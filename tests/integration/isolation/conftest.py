@@ -9,11 +9,15 @@ so that the next request provably gets the same physical session: the tests asse
 
 Request ends are real: ``close_old_connections()``, the receiver of ``request_finished``
 (Django's test client disconnects it, so no test client is used here).
+
+The driver is the one Django chose (psycopg 3 when installed, else psycopg2): the
+helpers below (``raw_named``, ``RAW_CLOSED``, ``TRACKING``...) say what differs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -21,8 +25,11 @@ from typing import Any, TypeVar
 
 import pytest
 from django.db import close_old_connections, connections
+from django.db.backends.postgresql.base import Database
+from django.db.backends.postgresql.psycopg_any import is_psycopg3
 
 import herokupool
+from herokupool import tracked
 from tests.integration.conftest import settings_for
 
 T = TypeVar("T")
@@ -31,6 +38,27 @@ STOCK = "django.db.backends.postgresql"
 HEROKUPOOL = "herokupool.db.backends.postgresql"
 #: pytest ids -> ENGINE, the control first.
 ENGINES = {"stock": STOCK, "herokupool": HEROKUPOOL}
+
+#: The driver's module (psycopg or psycopg2), as Django's backend imported it.
+DRIVER: Any = Database
+#: The module of herokupool's tracked connections for the driver in use.
+TRACKING: Any = importlib.import_module("herokupool.tracked_psycopg") if is_psycopg3 else tracked
+#: What a raw cursor raises once its connection is closed (the stock engine, after its
+#: request) or its loan has ended (herokupool): psycopg2's InterfaceError ("cursor already
+#: closed"), psycopg's OperationalError ("the connection is closed") or InterfaceError.
+RAW_CLOSED: tuple[type[Exception], ...] = (
+    (Database.OperationalError, Database.InterfaceError)
+    if is_psycopg3
+    else (Database.InterfaceError,)
+)
+
+
+def raw_named(conn: Any, name: str, factory: Any = None, *, withhold: bool = True) -> Any:
+    """A server-side cursor on a raw connection: ``factory`` is psycopg2's
+    ``cursor_factory`` or psycopg's ``row_factory``."""
+    if is_psycopg3:
+        return conn.cursor(name, row_factory=factory, withhold=withhold)
+    return conn.cursor(name, cursor_factory=factory, withhold=withhold)
 
 
 def is_pooled(engine: str) -> bool:

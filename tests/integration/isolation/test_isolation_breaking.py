@@ -16,17 +16,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg2
-import psycopg2.extensions
-import psycopg2.extras
 import pytest
 from django.db import DatabaseError, InterfaceError, close_old_connections, connections
+from django.db.backends.postgresql.psycopg_any import IsolationLevel, is_psycopg3
 from django.utils.safestring import mark_safe
 
 from tests.integration.isolation.conftest import (
+    DRIVER,
+    RAW_CLOSED,
+    TRACKING,
     in_thread,
     is_pooled,
     one,
     pid_of,
+    raw_named,
     request,
 )
 from tests.integration.isolation.conftest import request as request_end
@@ -39,7 +42,7 @@ ADVISORY = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = 
 
 
 def raw(wrapper: Any) -> Any:
-    """psycopg2's own cursor on the wrapper's connection (no Django wrapper)."""
+    """The driver's own cursor on the wrapper's connection (no Django wrapper)."""
     wrapper.ensure_connection()
     return wrapper.connection.cursor()
 
@@ -75,6 +78,46 @@ def _copy_expert(wrapper: Any) -> None:
             "COPY (SELECT set_config('search_path', 'pg_catalog', false)) TO STDOUT",
             io.StringIO(),
         )
+
+
+def _copy(wrapper: Any) -> None:
+    """psycopg 3's ``cursor.copy()``, read to the end."""
+    with (
+        raw(wrapper) as cursor,
+        cursor.copy(
+            "COPY (SELECT set_config('search_path', 'pg_catalog', false)) TO STDOUT"
+        ) as copy,
+    ):
+        for _ in copy:
+            pass
+
+
+def _connection_execute(wrapper: Any) -> None:
+    """psycopg 3's ``Connection.execute()``: no cursor in sight."""
+    wrapper.ensure_connection()
+    wrapper.connection.execute("SET search_path = pg_catalog")
+
+
+def _stream(wrapper: Any) -> None:
+    with raw(wrapper) as cursor:
+        for _ in cursor.stream("SELECT set_config('search_path', 'pg_catalog', false)"):
+            pass
+
+
+def _executemany(wrapper: Any) -> None:
+    with raw(wrapper) as cursor:
+        cursor.executemany("SELECT set_config('search_path', %s, false)", [("pg_catalog",)])
+
+
+def _composed(wrapper: Any) -> None:
+    """A statement built with the driver's ``sql`` module (Composed, not str)."""
+    query = DRIVER.sql.SQL("SET search_path = {}").format(DRIVER.sql.Identifier("pg_catalog"))
+    with raw(wrapper) as cursor:
+        cursor.execute(query)
+
+
+ONLY_PSYCOPG2 = pytest.mark.psycopg2_only
+ONLY_PSYCOPG3 = pytest.mark.psycopg3_only
 
 
 def _callproc_named(wrapper: Any) -> None:
@@ -147,13 +190,26 @@ MISSES: dict[str, Miss] = {
     ),
     "copy_expert": Miss(_copy_expert, "SHOW search_path"),
     "callproc_named_arguments": Miss(_callproc_named, "SHOW search_path"),
+    "copy": Miss(_copy, "SHOW search_path"),
+    "connection_execute": Miss(_connection_execute, "SHOW search_path"),
+    "stream": Miss(_stream, "SHOW search_path"),
+    "executemany": Miss(_executemany, "SHOW search_path"),
+    "composed": Miss(_composed, "SHOW search_path"),
+}
+#: MISSES that exist on one driver only.
+MISS_MARKS = {
+    "copy_expert": ONLY_PSYCOPG2,
+    "callproc_named_arguments": ONLY_PSYCOPG2,
+    "copy": ONLY_PSYCOPG3,
+    "connection_execute": ONLY_PSYCOPG3,
+    "stream": ONLY_PSYCOPG3,
 }
 
 
 @pytest.fixture
 def set_config_function(dsn: str) -> None:
     """``hp_set_config(name, value)``: an application's wrapper of ``set_config(..., false)``."""
-    conn = psycopg2.connect(dsn)
+    conn = psycopg2.connect(dsn)  # observation and set-up: psycopg2 is always installed
     conn.autocommit = True
     with conn.cursor() as cursor:
         cursor.execute(
@@ -164,7 +220,9 @@ def set_config_function(dsn: str) -> None:
 
 
 @pytest.mark.usefixtures("set_config_function")
-@pytest.mark.parametrize("miss", list(MISSES))
+@pytest.mark.parametrize(
+    "miss", [pytest.param(name, marks=MISS_MARKS.get(name, ())) for name in MISSES]
+)
 def test_a_statement_the_classifier_missed_leaves_nothing_to_the_next_request(
     register: Callable[..., str], engine: str, role: str, miss: str
 ) -> None:
@@ -196,6 +254,7 @@ def test_a_statement_the_classifier_missed_leaves_nothing_to_the_next_request(
 # ------------------------------------------------------------ client-side state
 
 
+@ONLY_PSYCOPG2
 def test_a_client_encoding_set_on_the_raw_connection_ends_with_its_request(
     register: Callable[..., str], engine: str
 ) -> None:
@@ -224,17 +283,48 @@ def test_a_client_encoding_set_on_the_raw_connection_ends_with_its_request(
     assert seen == ["UTF8", "UTF8", "\u20ac"]
 
 
+@ONLY_PSYCOPG3
+def test_a_client_encoding_set_through_a_raw_cursor_ends_with_its_request(
+    register: Callable[..., str], engine: str
+) -> None:
+    """psycopg 3 has no ``set_client_encoding()``: ``SET client_encoding`` goes through a
+    cursor, and psycopg follows the server's report.  The next request is UTF8 again, on
+    both sides, and can write a character LATIN1 has not."""
+    alias = register()
+
+    def change(wrapper: Any) -> int:
+        pid = pid_of(wrapper)
+        wrapper.connection.execute("SET client_encoding TO 'LATIN1'")
+        assert wrapper.connection.info.encoding == "iso8859-1"
+        return pid
+
+    def look(wrapper: Any) -> tuple[Any, ...]:
+        return (
+            one(wrapper, "SHOW client_encoding")[0],
+            wrapper.connection.info.encoding,
+            one(wrapper, "SELECT %s::text", ["\u20ac"])[0],
+            pid_of(wrapper),
+        )
+
+    pid1 = in_thread(lambda: request(alias, change))
+    *seen, pid2 = in_thread(lambda: request(alias, look))
+    assert seen == ["UTF8", "utf-8", "\u20ac"]
+    if is_pooled(engine):
+        assert pid2 == pid1, "RESET ALL puts both sides back: the session is kept"
+
+
 # ------------------------------------------------------------ cursors past their loan
 
 
 def _named(factory: Any, *, withhold: bool = True) -> Callable[[Any], Any]:
-    """A server-side cursor of psycopg2.extras' ``factory`` on the raw connection,
-    executed, one row fetched, ``itersize`` 2 (iteration FETCHes 2 rows at a time)."""
+    """A server-side cursor on the raw connection (``factory``: psycopg2.extras' class, or
+    psycopg's row factory), executed, one row fetched, ``itersize`` 2 (iteration FETCHes 2
+    rows at a time)."""
 
     def keep(wrapper: Any) -> Any:
         wrapper.ensure_connection()
-        cursor = wrapper.connection.cursor(
-            f"hp_{uuid.uuid4().hex[:8]}", cursor_factory=factory, withhold=withhold
+        cursor = raw_named(
+            wrapper.connection, f"hp_{uuid.uuid4().hex[:8]}", factory, withhold=withhold
         )
         cursor.itersize = 2
         cursor.execute("SELECT n FROM generate_series(1, 10) n")
@@ -244,24 +334,38 @@ def _named(factory: Any, *, withhold: bool = True) -> Callable[[Any], Any]:
     return keep
 
 
-FACTORIES = {
-    "RealDictCursor": psycopg2.extras.RealDictCursor,
-    "DictCursor": psycopg2.extras.DictCursor,
-    "NamedTupleCursor": psycopg2.extras.NamedTupleCursor,
-}
+if is_psycopg3:
+    from psycopg import rows as psycopg_rows
+
+    #: name -> (the raw cursor's factory, how a row gives its "n")
+    FACTORIES: dict[str, tuple[Any, Callable[[Any], Any]]] = {
+        "dict_row": (psycopg_rows.dict_row, lambda row: row["n"]),
+        "namedtuple_row": (psycopg_rows.namedtuple_row, lambda row: row.n),
+        "tuple_row": (psycopg_rows.tuple_row, lambda row: row[0]),
+    }
+else:
+    import psycopg2.extras
+
+    FACTORIES = {
+        "RealDictCursor": (psycopg2.extras.RealDictCursor, lambda row: row["n"]),
+        "DictCursor": (psycopg2.extras.DictCursor, lambda row: row["n"]),
+        "NamedTupleCursor": (psycopg2.extras.NamedTupleCursor, lambda row: row.n),
+    }
 
 
 @pytest.mark.parametrize("factory", list(FACTORIES))
-def test_a_named_cursor_of_a_psycopg2_extras_class_iterates_as_its_class_does(
+def test_a_named_cursor_of_another_row_type_iterates_as_its_type_does(
     register: Callable[..., str], engine: str, factory: str
 ) -> None:
-    """``for row in cursor`` on a named DictCursor / NamedTupleCursor gives the class's rows
-    (psycopg2.extras builds them in its own ``__iter__``), not plain tuples."""
+    """``for row in cursor`` on a named cursor of psycopg2.extras' DictCursor /
+    NamedTupleCursor (which build rows in their own ``__iter__``), or of a psycopg row
+    factory, gives that type's rows, not plain tuples: tracking changes no row."""
     alias = register()
+    make, n = FACTORIES[factory]
 
     def rows(wrapper: Any) -> list[Any]:
-        with _named(FACTORIES[factory])(wrapper) as cursor:
-            return [row["n"] if factory != "NamedTupleCursor" else row.n for row in cursor]
+        with _named(make)(wrapper) as cursor:
+            return [n(row) for row in cursor]
 
     assert request(alias, rows) == list(range(2, 11))
 
@@ -324,13 +428,14 @@ def _reconnect_through(cursor: Any) -> Any:
 LATE: dict[str, tuple[Callable[[Any], Any], Callable[[Any], Any], bool]] = {
     **{
         f"named_{name}_iteration": (_named(factory), _drain, True)
-        for name, factory in FACTORIES.items()
+        for name, (factory, _) in FACTORIES.items()
     },
-    "named_RealDictCursor_fetchmany": (
-        _named(psycopg2.extras.RealDictCursor),
+    "named_fetchmany": (
+        _named(next(iter(FACTORIES.values()))[0]),
         lambda c: c.fetchmany(3),
         True,
     ),
+    "named_scroll": (_named(None), lambda c: c.scroll(1), True),
     # The with block ends after the request: close() must send nothing (stock: no error).
     "named_withhold_close": (_named(None), lambda c: c.__exit__(None, None, None), False),
     "client_cursor_close": (lambda w: raw(w), lambda c: c.close(), False),
@@ -346,14 +451,20 @@ def test_a_late_cursor_touches_nothing_of_the_next_borrower(
     keep, late, raises = LATE[path]
     alias = register()
     stale, pid1 = request(alias, lambda wrapper: (keep(wrapper), pid_of(wrapper)))
-    seen = _released_in_use(alias, lambda: late(stale))
+    try:
+        seen = _released_in_use(alias, lambda: late(stale))
+    finally:
+        # As the application would at last (psycopg 3 warns about a server-side cursor
+        # collected open); it may not send anything either.
+        with contextlib.suppress(Exception):
+            stale.close()
     assert "error" not in seen["other"], f"the other request failed: {seen['other']['error']!r}"
     assert seen["other"]["after"] == 42
     if is_pooled(engine):
         assert seen["other"]["pid"] == pid1, "MAX_CONNS=1: the other request had the session"
     if raises:
         error = seen["late"].get("error")
-        assert isinstance(error, (InterfaceError, psycopg2.InterfaceError)), seen["late"]
+        assert isinstance(error, (InterfaceError, *RAW_CLOSED)), seen["late"]
     else:
         assert "error" not in seen["late"], seen["late"]
 
@@ -369,8 +480,8 @@ def test_a_raw_connection_kept_past_its_request_is_closed_to_its_holder(
             pytest.mark.xfail(
                 strict=True,
                 reason="not fixed: a raw connection kept past its request (or a cursor made "
-                "by calling psycopg2.extensions.cursor(conn), which TrackedConnection.cursor()"
-                " never sees) is the pooled connection itself: it needs a per-loan proxy",
+                "by calling the driver's cursor class, which TrackedConnection.cursor() never "
+                "sees) is the pooled connection itself: it needs a per-loan proxy",
             )
         )
     alias = register()
@@ -382,16 +493,19 @@ def test_a_raw_connection_kept_past_its_request_is_closed_to_its_holder(
     conn = request_end(alias, keep)
 
     def late() -> Any:
-        cursor = conn.cursor() if how == "kept_raw_connection" else psycopg2.extensions.cursor(conn)
+        if how == "kept_raw_connection":
+            cursor = conn.cursor()
+        else:
+            cursor = DRIVER.Cursor(conn) if is_psycopg3 else DRIVER.extensions.cursor(conn)
         cursor.execute("SELECT 1")
         return cursor.fetchone()
 
     if not is_pooled(engine):
-        with pytest.raises(psycopg2.InterfaceError):
+        with pytest.raises(RAW_CLOSED):
             late()
         return
     seen = _released_in_use(alias, late)
-    assert isinstance(seen["late"].get("error"), psycopg2.InterfaceError), seen["late"]
+    assert isinstance(seen["late"].get("error"), RAW_CLOSED), seen["late"]
 
 
 # ------------------------------------------------------------ the faithful path
@@ -470,13 +584,14 @@ def test_set_role_in_a_rolled_back_atomic_block_leaves_the_next_request_on_its_r
     assert user == login
 
 
+@ONLY_PSYCOPG2
 def test_a_read_only_session_set_on_the_raw_connection_is_not_lent_again(
     register: Callable[..., str], engine: str
 ) -> None:
     """``connection.connection.set_session(readonly=True)`` in autocommit makes psycopg2
     send ``SET default_transaction_read_only`` itself: the next request must be writable
     (herokupool: on another session, the changed one closed)."""
-    alias = register(isolation_level=psycopg2.extensions.ISOLATION_LEVEL_REPEATABLE_READ)
+    alias = register(isolation_level=IsolationLevel.REPEATABLE_READ)
 
     def change(wrapper: Any) -> int:
         pid = pid_of(wrapper)
@@ -491,6 +606,40 @@ def test_a_read_only_session_set_on_the_raw_connection_is_not_lent_again(
     readonly, pid2 = in_thread(lambda: request(alias, look))
     assert readonly == "off"
     assert pid2 != pid1
+
+
+@ONLY_PSYCOPG3
+@pytest.mark.parametrize("attribute", ["read_only", "deferrable", "isolation_level"])
+def test_transaction_characteristics_set_on_the_raw_connection_end_with_their_request(
+    register: Callable[..., str], engine: str, attribute: str
+) -> None:
+    """psycopg 3 keeps ``read_only`` / ``deferrable`` / ``isolation_level`` on the
+    connection object and sends them with each ``BEGIN``: the next request's transactions
+    are a new connection's (herokupool: on another session, the changed one closed)."""
+    from django.db import transaction
+
+    alias = register()
+    value = {"read_only": True, "deferrable": True, "isolation_level": 4}[attribute]
+
+    def change(wrapper: Any) -> int:
+        wrapper.ensure_connection()
+        setattr(wrapper.connection, attribute, value)
+        return pid_of(wrapper)
+
+    def look(wrapper: Any) -> tuple[Any, ...]:
+        with transaction.atomic(using=alias):
+            return tuple(
+                one(
+                    wrapper,
+                    "SELECT current_setting('transaction_read_only'),"
+                    " current_setting('transaction_deferrable'),"
+                    " current_setting('transaction_isolation')",
+                )
+            )
+
+    fresh = in_thread(lambda: request(alias, look))
+    in_thread(lambda: request(alias, change))
+    assert in_thread(lambda: request(alias, look)) == fresh
 
 
 def test_a_connection_created_receiver_setting_search_path_sometimes(
@@ -572,9 +721,7 @@ def _fire() -> bool:
 
 def _interrupt_in_end_loan(when: str) -> Callable[[pytest.MonkeyPatch], None]:
     def arm(monkeypatch: pytest.MonkeyPatch) -> None:
-        from herokupool import tracked
-
-        original = tracked.TrackedConnection.end_loan
+        original = TRACKING.TrackedConnection.end_loan
 
         def end_loan(self: Any) -> None:
             if when == "after":
@@ -584,15 +731,13 @@ def _interrupt_in_end_loan(when: str) -> Callable[[pytest.MonkeyPatch], None]:
             if when == "before":
                 original(self)
 
-        monkeypatch.setattr(tracked.TrackedConnection, "end_loan", end_loan)
+        monkeypatch.setattr(TRACKING.TrackedConnection, "end_loan", end_loan)
 
     return arm
 
 
 def _interrupt_in_prepare_release(monkeypatch: pytest.MonkeyPatch) -> None:
-    from herokupool import tracked
-
-    original = tracked.prepare_release
+    original = TRACKING.prepare_release
 
     def prepare_release(conn: Any) -> str | None:
         if _fire():
@@ -600,7 +745,7 @@ def _interrupt_in_prepare_release(monkeypatch: pytest.MonkeyPatch) -> None:
         return original(conn)
 
     # Read by the pool when it is created, at the first request.
-    monkeypatch.setattr(tracked, "prepare_release", prepare_release)
+    monkeypatch.setattr(TRACKING, "prepare_release", prepare_release)
 
 
 @pytest.mark.parametrize("engine", ["herokupool.db.backends.postgresql"], indirect=True)
@@ -637,7 +782,7 @@ def test_an_interrupted_release_loses_no_slot_and_leaks_nothing(
     pool = _pool_of(alias)
     seen = in_thread(lambda: request(alias, lambda w: tuple(one(w, NEW_SESSION))), timeout=10)
     assert seen == fresh
-    with pytest.raises(psycopg2.InterfaceError):
+    with pytest.raises(RAW_CLOSED):
         kept["cursor"].fetchone()
     assert _balanced(pool), pool.stats()
 
@@ -698,10 +843,14 @@ def test_a_signal_while_the_undo_hangs_loses_no_slot_and_leaks_nothing(
         seen = request(alias, lambda w: (tuple(one(w, NEW_SESSION)), pid_of(w)))
         assert seen[0] == fresh
         assert seen[1] != pid, "the interrupted session is not lent again"
-        with pytest.raises(psycopg2.InterfaceError):
+        with pytest.raises(RAW_CLOSED):
             cursor.fetchone()
         assert _balanced(_pool_of(alias)), _pool_of(alias).stats()
-        assert elapsed < 4, f"the release took {elapsed:.1f} s (pool TIMEOUT 2)"
+        # psycopg 3 answers a KeyboardInterrupt during a query by cancelling it over a new
+        # connection, for up to 5 s, which the pool's deadline (on the session's socket)
+        # does not bound: through a paused network path that is 5 s more.
+        bound = 4 + (5 if is_psycopg3 and freeze == "relay_paused" else 0)
+        assert elapsed < bound, f"the release took {elapsed:.1f} s (pool TIMEOUT 2)"
     finally:
         relay.close()
 
@@ -867,7 +1016,7 @@ def test_many_threads_random_changes_every_request_sees_a_new_session(
                         text = sql.format(role=role, key=rng.randint(1, 2**30))
                         # A change may fail after another (CREATE TABLE once read only):
                         # the request's own business, in autocommit.
-                        with contextlib.suppress(DatabaseError, psycopg2.Error):
+                        with contextlib.suppress(DatabaseError, DRIVER.Error):
                             (run if rng.random() < 0.5 else django_run)(text)(wrapper)
 
                 request(alias, body)

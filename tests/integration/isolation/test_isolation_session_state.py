@@ -21,6 +21,7 @@ from django.db import DatabaseError
 
 from tests.helpers import wait_until
 from tests.integration.isolation.conftest import (
+    DRIVER,
     in_thread,
     is_pooled,
     one,
@@ -94,7 +95,7 @@ def through_django(wrapper: Any, sql: str) -> None:
 
 def through_raw_connection(wrapper: Any, sql: str) -> None:
     wrapper.ensure_connection()
-    with wrapper.connection.cursor() as cursor:  # psycopg2's own cursor, no Django wrapper
+    with wrapper.connection.cursor() as cursor:  # the driver's own cursor, no Django wrapper
         cursor.execute(sql)
 
 
@@ -129,7 +130,7 @@ def test_a_request_leaves_no_session_state_to_the_next_request(
         for sql in ok:
             VIAS[via](wrapper, sql)
         if case.fails:
-            with pytest.raises((DatabaseError, psycopg2.Error)):
+            with pytest.raises((DatabaseError, DRIVER.Error)):
                 VIAS[via](wrapper, last)
         else:
             VIAS[via](wrapper, last)
@@ -190,6 +191,7 @@ def test_a_session_advisory_lock_is_free_once_its_request_ended(
     assert count == 0
 
 
+@pytest.mark.psycopg2_only
 def test_a_typecaster_registered_on_the_raw_connection_ends_with_its_request(
     register: Callable[..., str], engine: str
 ) -> None:
@@ -217,6 +219,7 @@ def test_a_typecaster_registered_on_the_raw_connection_ends_with_its_request(
     assert value == 7
 
 
+@pytest.mark.psycopg2_only
 def test_notices_of_a_request_are_not_seen_by_the_next(
     register: Callable[..., str], engine: str
 ) -> None:

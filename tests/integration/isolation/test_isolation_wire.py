@@ -20,7 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 from django.db import close_old_connections, connections, transaction
-from psycopg2 import extensions as ext
+from django.db.backends.postgresql.psycopg_any import IsolationLevel
 
 from tests.conftest import Server
 from tests.integration.isolation.conftest import is_pooled
@@ -42,7 +42,7 @@ KINDS: dict[str, tuple[tuple[str, ...], bool]] = {
 
 OPTIONS: dict[str, dict[str, Any]] = {
     "defaults": {},
-    "isolation_level_serializable": {"isolation_level": ext.ISOLATION_LEVEL_SERIALIZABLE},
+    "isolation_level_serializable": {"isolation_level": IsolationLevel.SERIALIZABLE},
     "assume_role": {"assume_role": "{role}"},
 }
 
@@ -64,7 +64,7 @@ def through(proxy: StatementRecorder, url: str) -> str:
 def is_own(sql: str, statements: tuple[str, ...], atomic: bool) -> bool:
     if sql in statements:
         return True
-    # atomic(): psycopg2 sends BEGIN (with the isolation level, if set) and Django COMMIT.
+    # atomic(): the driver sends BEGIN (with the isolation level, if set) and Django COMMIT.
     # With an isolation level set, psycopg2 also sends SET default_transaction_isolation
     # TO DEFAULT whenever it leaves autocommit, that is at every atomic() block's start,
     # on a new connection as on a pooled one: the stock engine sends it every request too.
