@@ -77,14 +77,18 @@ class TcpRelay:
 
     def close(self) -> None:
         """Close the listener and every relayed connection (both sides see the close)."""
+        # Closed before the paused pumps are woken, and checked by them before forwarding:
+        # what a paused relay held back is never delivered by its close.
         self._closed = True
-        self._forwarding.set()  # wake paused pumps so they exit
+        with self._gate:  # no chunk is on its way once this is taken
+            pass
         with contextlib.suppress(OSError):
             self._listener.close()
         with self._sockets_lock:
             sockets, self._sockets = self._sockets, set()
         for sock in sockets:
             _close(sock)
+        self._forwarding.set()  # wake paused pumps so they exit
         self._acceptor.join(timeout=5)
 
     def __enter__(self) -> TcpRelay:
@@ -136,6 +140,8 @@ class TcpRelay:
                 if not readable:
                     continue
                 with self._gate:
+                    if self._closed:
+                        return  # closed (see close()): deliver nothing more
                     if not self._forwarding.is_set():
                         continue  # paused between the wait and now: read nothing
                     data = source.recv(_CHUNK)

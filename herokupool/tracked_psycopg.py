@@ -293,14 +293,19 @@ def prepare_release(conn: Any, reset_forgets: bool = False) -> str | None:
 
     No I/O and no lock.  Raises :class:`~herokupool.session.SessionNotReusable` when the
     session cannot be made new again (a ``LOAD``; a ``with conn.transaction()`` block, a
-    pipeline or a two-phase transaction still open; the isolation level, read-only or
-    deferrable changed on the connection): the pool then closes it.  Connections that
+    pipeline or a two-phase transaction still open; the connection's lock still held, by a
+    suspended ``notifies()`` generator; the isolation level, read-only or deferrable changed
+    on the connection): the pool then closes it.  Connections that
     are not :class:`TrackedConnection` are left alone.
     """
     if not isinstance(conn, TrackedConnection):
         return None
     if conn._loan_open:
         raise SessionNotReusable("the loan's cursors were not all ended")
+    if conn.lock.locked():
+        # Held by what the borrower left suspended (a notifies() generator): nothing could
+        # use the session, the pool's undo included, until that lets go.
+        raise SessionNotReusable("the connection's lock is still held")
     flags = conn.herokupool_flags
     forgot = conn.herokupool_forgot or reset_forgets
     if not flags and not forgot and not conn.client_state_changed():

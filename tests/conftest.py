@@ -5,7 +5,9 @@ sets); else an embedded PostgreSQL started for the session in a temporary folder
 password, see devtools.pgcluster), so ``make test`` passes on a machine with nothing running.
 The URL's user must be allowed to CREATE DATABASE: the suite creates ``herokupool_test`` (and
 Django's ``test_*`` databases) there, and drops the databases it created at the end of the
-session; a database that existed before the session is left alone.
+session; a database that existed before the session is left alone.  Under tox both names get the
+environment's name as a suffix (``herokupool_test_py311_django52_full``): two cells running at
+once on one server must never share, drop or clobber each other's databases.
 
 With HEROKUPOOL_REQUIRE_SERVICES=1 (as .ci/run sets) a test that would skip for a
 missing service (PostGIS, PgBouncer, ...) fails instead, and so does any other skip:
@@ -25,6 +27,7 @@ the other driver: it is not a skip, there is nothing to run.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -83,6 +86,12 @@ def pytest_report_header(config: pytest.Config) -> str:
     expected = os.environ.get("HEROKUPOOL_TEST_DRIVER")
     checked = f" (HEROKUPOOL_TEST_DRIVER={expected})" if expected else ""
     return f"herokupool: driver {driver} {version}{checked}, Django {django.__version__}"
+
+
+#: Appended to the databases this suite names, so parallel tox cells on one server stay apart.
+DB_SUFFIX = (
+    re.sub(r"\W", "_", f"_{os.environ['TOX_ENV_NAME']}") if "TOX_ENV_NAME" in os.environ else ""
+)
 
 
 def require(available: bool, what: str) -> None:
@@ -214,7 +223,7 @@ def pg_server() -> Iterator[Server]:
 @pytest.fixture(scope="session")
 def dsn(pg_server: Server) -> str:
     """URL of a database the integration tests own (created once per session)."""
-    return pg_server.create_database("herokupool_test")
+    return pg_server.create_database(f"herokupool_test{DB_SUFFIX}")
 
 
 @pytest.fixture
@@ -243,5 +252,6 @@ def django_db_modify_db_settings(pg_server: Server) -> None:
             "PORT": str(parts.port or ""),
             "USER": parts.username or "",
             "PASSWORD": parts.password or "",
+            "NAME": f"herokupool_django{DB_SUFFIX}",
         }
     )

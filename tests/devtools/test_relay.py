@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -113,3 +115,33 @@ def test_a_closed_target_closes_the_client_side(echo: tuple[str, int]) -> None:
         server.close()  # the server hangs up: the relay passes the FIN on
         assert sock.recv(100) == b""
     listener.close()
+
+
+class _SlowListener:
+    """Stands for the relay's listener with a close() as slow as one under CPU load."""
+
+    def __init__(self, listener: socket.socket) -> None:
+        self._listener = listener
+
+    def close(self) -> None:
+        time.sleep(0.2)
+        self._listener.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._listener, name)
+
+
+def test_closing_a_paused_relay_delivers_nothing_of_what_waited(echo: tuple[str, int]) -> None:
+    # Found by CI under load: close() woke the paused pumps before closing the sockets, so
+    # a query the relay held back reached the server and its answer the client, and a
+    # validation that must time out succeeded.
+    relay = TcpRelay(*echo)
+    with connect(relay) as sock:
+        sock.sendall(b"a")
+        assert sock.recv(100) == b"a"
+        relay.pause()
+        sock.sendall(b"held back")
+        relay._listener = _SlowListener(relay._listener)  # type: ignore[assignment]
+        relay.close()
+        with contextlib.suppress(ConnectionResetError):  # a reset is a close too
+            assert sock.recv(100) == b""  # the close, never the echo of what waited

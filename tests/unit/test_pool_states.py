@@ -284,7 +284,7 @@ def test_the_pools_thread_takes_back_a_lost_connection_at_once() -> None:
     pool = make_pool(driver, max_conns=1, background=True)
     try:
         pool.borrow()
-        assert wait_until(lambda: pool.stats()["in_use"] == 0, 2), pool.stats()
+        assert wait_until(lambda: pool.stats()["in_use"] == 0, 10), pool.stats()
         exact(pool)
     finally:
         pool.close()
@@ -343,7 +343,7 @@ def test_release_later_after_close_closes_the_connection_at_once() -> None:
     conn = pool.borrow()
     pool.close()
     pool.release_later(conn)  # a thread ended holding it
-    assert wait_until(lambda: conn.closed, 2), "left open until someone else calls the pool"
+    assert wait_until(lambda: conn.closed, 10), "left open until someone else calls the pool"
     exact(pool)
 
 

@@ -527,3 +527,41 @@ def test_the_pools_timeout_is_djangos_operational_error(
     finally:
         done.set()
         thread.join(10)
+
+
+@ONLY_PSYCOPG3
+def test_a_notifies_generator_left_suspended_does_not_hang_the_next_request(
+    register: Callable[..., str], engine: str
+) -> None:
+    """``connection.connection.notifies()`` holds the connection's lock while it is
+    suspended: a request that ends with one mid-iteration (a streaming view) leaves a
+    session nobody else can use until the generator is collected.  The next request must
+    not wait for it: herokupool closes that session (the stock engine's is closed anyway)."""
+    alias = register(pool={"TIMEOUT": 5})
+    channel = f"hp_{uuid.uuid4().hex[:8]}"
+
+    def listen(wrapper: Any) -> tuple[Iterator[Any], int]:
+        conn = raw(wrapper)
+        conn.execute(f"LISTEN {channel}")
+        conn.execute(f"NOTIFY {channel}, 'one'")
+        conn.execute(f"NOTIFY {channel}, 'two'")
+        pid = pid_of(wrapper)
+        stream = conn.notifies()
+        assert next(stream).payload == "one"  # suspended, holding the lock
+        return stream, pid
+
+    stream, pid1 = request(alias, listen)
+    try:
+        channels, pid2 = in_thread(
+            lambda: request(
+                alias,
+                lambda w: (one(w, "SELECT count(*) FROM pg_listening_channels()")[0], pid_of(w)),
+            ),
+            timeout=15,
+        )
+    finally:
+        with contextlib.suppress(Exception):
+            stream.close()
+    assert channels == 0
+    if is_pooled(engine):
+        assert pid2 != pid1, "a session whose lock is held is closed, not lent"

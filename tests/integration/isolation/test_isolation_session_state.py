@@ -169,7 +169,7 @@ def test_a_session_advisory_lock_is_free_once_its_request_ended(
 
     pid1 = in_thread(lambda: request(alias, take))
     # The stock engine's session ends with the request; its backend may take a moment to exit.
-    assert wait_until(lambda: not advisory_lock_holders(admin, key), 3), (
+    assert wait_until(lambda: not advisory_lock_holders(admin, key), 10), (
         f"between requests the lock is held by {advisory_lock_holders(admin, key)} "
         f"(request 1 ran on {pid1})"
     )
