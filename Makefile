@@ -22,17 +22,17 @@ help:
 	@echo "make venv         .venv with the package and its test, dev and demo extras (PYTHON=...)"
 	@echo "make venv-pg3     .venv-pg3: the same plus the psycopg extra (psycopg 3)"
 	@echo "make run          the demo app (embedded PostgreSQL unless DATABASE_URL is set)"
-	@echo "make test         the whole test suite (PYTEST_ARGS=...)"
+	@echo "make test         the whole test suite on psycopg2, then on psycopg 3 (PYTEST_ARGS=...)"
 	@echo "make test-psycopg2  the whole test suite on psycopg2 (.venv)"
 	@echo "make test-psycopg3  the test suite on psycopg 3 (.venv-pg3), tests/devtools left out"
 	@echo "make test-unit    the tests that need no database (psycopg2)"
-	@echo "make test-fresh   the integration suite on an embedded PostgreSQL (ignores DSNs)"
-	@echo "make matrix       unit tests across Python x Django with tox"
+	@echo "make test-fresh   the integration suite on an embedded PostgreSQL (ignores DSNs), both drivers"
+	@echo "make matrix       unit tests across Python x Django x driver with tox"
 	@echo "make lint         ruff and mypy (strict)"
 	@echo "make format       ruff's fixes and formatting, applied"
 	@echo "make bench        the benchmark against peers"
 	@echo "make bench-quick  a short run of the benchmark"
-	@echo "make faults       restarts, killed backends, outage, full server, new password, soak"
+	@echo "make faults       restarts, killed backends, outage, full server, new password, soak (both drivers)"
 	@echo "make fleet        fleet sizing: 2/8/32 processes vs max_connections 20, direct and via PgBouncer"
 	@echo "make clean        remove .venv, .venv-pg3, tox's environments, build output and tool caches"
 
@@ -47,9 +47,10 @@ venv-pg3:
 
 # Each driver in its own virtualenv; HEROKUPOOL_TEST_DRIVER makes tests/conftest.py refuse to
 # start when Django loaded the other driver. tests/devtools (pgcluster, the relay, this
-# Makefile) tests the harness, not the driver: it runs once, on psycopg2. `make test` runs
-# psycopg2 only until herokupool's backend runs on psycopg 3 (it refuses to load there today).
-test: test-psycopg2
+# Makefile) tests the harness, not the driver: it runs once, on psycopg2. The fault suite runs on
+# both: its app under gunicorn recovers through the driver's errors (a restart, killed backends,
+# an outage, a full server, a new password).
+test: test-psycopg2 test-psycopg3
 
 test-psycopg2: venv
 	HEROKUPOOL_TEST_DRIVER=psycopg2 $(BIN)/python -X dev -m pytest $(PYTEST_ARGS)
@@ -64,18 +65,23 @@ test-unit: venv
 # The "fresh machine" run: no DSN, so the suite starts its own embedded PostgreSQL.
 # PostGIS ships only with the system packages, so those tests are deselected here
 # (they run in `make test`); the fault suite and devtools' own tests start private
-# servers whatever the DSN, so `make test` has already run them.
-test-fresh: venv
+# servers whatever the DSN, so `make test` has already run them. Both drivers: the embedded
+# server is another PostgreSQL version than CI's service, and what a new user's `make test` meets.
+test-fresh: venv venv-pg3
 	env -u HEROKUPOOL_TEST_DSN -u DATABASE_URL HEROKUPOOL_TEST_DRIVER=psycopg2 \
 		$(BIN)/python -X dev -m pytest tests -m "not postgis" \
+		--ignore=tests/faults --ignore=tests/devtools $(PYTEST_ARGS)
+	env -u HEROKUPOOL_TEST_DSN -u DATABASE_URL HEROKUPOOL_TEST_DRIVER=psycopg3 \
+		$(BIN_PG3)/python -X dev -m pytest tests -m "not postgis" \
 		--ignore=tests/faults --ignore=tests/devtools $(PYTEST_ARGS)
 
 # The fault suite (tests/faults, docs/reliability.md): the app under gunicorn on private
 # PostgreSQL servers through a restart, killed backends, an outage, a full server and a password
 # change, then a soak (HEROKUPOOL_SOAK_SECONDS, 75 by default). Figures at the end and in
 # tests/faults/results.json.
-faults: venv
+faults: venv venv-pg3
 	HEROKUPOOL_TEST_DRIVER=psycopg2 $(BIN)/python -X dev -m pytest tests/faults $(PYTEST_ARGS)
+	HEROKUPOOL_TEST_DRIVER=psycopg3 $(BIN_PG3)/python -X dev -m pytest tests/faults $(PYTEST_ARGS)
 
 matrix: venv
 	$(BIN)/python -m tox run-parallel --parallel 2 --parallel-no-spinner $(TOX_ARGS)

@@ -65,3 +65,6 @@ def test_the_tox_cells_of_each_driver_install_what_they_claim() -> None:
     assert re.search(r"^\s*pg3: psycopg$", tox, re.M)
     assert re.search(r"^\s*pg3: HEROKUPOOL_TEST_DRIVER = psycopg3$", tox, re.M)
     assert re.search(r"^\s*!pg3: HEROKUPOOL_TEST_DRIVER = psycopg2$", tox, re.M)
+    cells = re.findall(r"^\s*(py3\d+-django[\w{},-]+)$", tox, re.M)
+    assert any("pg3" in c and "full" in c for c in cells), cells
+    assert any("pg3" not in c and "full" in c for c in cells), cells
