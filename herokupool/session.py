@@ -322,13 +322,12 @@ def _deallocate(names: Collection[str]) -> str:
 
 
 # PREPARE name / DEALLOCATE [PREPARE] name|ALL, each statement's first words (read on the
-# text as sent: a quoted name keeps its case).
-_PREPARE_NAME = re.compile(
-    r'(?:^|;)\s*prepare\s+("(?:[^"]|"")+"|[a-z_][a-z0-9_]*)\s*(?:\(|as\b)', re.IGNORECASE
-)
-_DEALLOCATE = re.compile(
-    r'(?:^|;)\s*deallocate\s+(?:prepare\s+)?("(?:[^"]|"")+"|[a-z_][a-z0-9_]*)', re.IGNORECASE
-)
+# text as sent: a quoted name keeps its case).  An unquoted name is read whole or not at
+# all: the server's names may go on with a dollar sign or a non-ASCII letter, and a name
+# read up to one (``x`` of ``x$y``, ``h`` of ``has$ AS``) is another statement's.
+_NAME = r'("(?:[^"]|"")+"|[a-z_][a-z0-9_]*(?![\w$]|[^\x00-\x7f]))'
+_PREPARE_NAME = re.compile(rf"(?:^|;)\s*prepare\s+{_NAME}\s*(?:\(|as\b)", re.IGNORECASE)
+_DEALLOCATE = re.compile(rf"(?:^|;)\s*deallocate\s+(?:prepare\s+)?{_NAME}", re.IGNORECASE)
 _DISCARD_ALL = re.compile(r"\bdiscard\s+all\b")
 
 
