@@ -179,12 +179,10 @@ class TrackedConnection(psycopg.Connection[Any]):
     def note_forgotten(self, query: str) -> None:
         """Record what ``query`` makes the server forget of its prepared statements."""
         everything, names = session.forgets_prepared(query)
-        prepared = self.herokupool_prepared
-        for name in names:
-            if name in prepared:
-                prepared.discard(name)  # the loan's own: nothing left to undo
-            else:
-                everything = True  # perhaps psycopg's own
+        # The loan's own names stay recorded: should this statement fail, the server keeps
+        # them, and the release's undo skips a name that is already gone.
+        if any(name not in self.herokupool_prepared for name in names):
+            everything = True  # perhaps psycopg's own
         if everything:
             # psycopg would otherwise go on executing statements by names the server is
             # about to forget (within this loan too, where a new connection would not

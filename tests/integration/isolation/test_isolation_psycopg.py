@@ -19,7 +19,13 @@ from typing import Any
 
 import psycopg2
 import pytest
-from django.db import OperationalError, close_old_connections, connections, transaction
+from django.db import (
+    DatabaseError,
+    OperationalError,
+    close_old_connections,
+    connections,
+    transaction,
+)
 
 from tests.conftest import Server
 from tests.integration.isolation.conftest import (
@@ -495,6 +501,35 @@ def test_a_rollback_after_a_borrowers_prepare_keeps_the_session(
         )
 
     assert in_thread(lambda: request(alias, look)) == ([], ["a", "c"], pid1)
+
+
+@ONLY_PSYCOPG3
+@pytest.mark.parametrize("engine", ["herokupool.db.backends.postgresql"], indirect=True)
+def test_a_borrowers_deallocate_that_fails_still_leaves_its_prepare_undone(
+    preparing: Callable[..., str],
+) -> None:
+    """A request's ``DEALLOCATE hp_f`` of its own ``PREPARE`` fails (its transaction was
+    already aborted), so the server keeps ``hp_f``: the release still drops it."""
+    alias = preparing()
+
+    def deallocate_in_an_aborted_transaction(wrapper: Any) -> None:
+        with transaction.atomic(using=alias):
+            with contextlib.suppress(DatabaseError):
+                one(wrapper, "SELECT 1/0")  # aborts the transaction
+            one(wrapper, "DEALLOCATE hp_f")  # refused: "current transaction is aborted"
+
+    def prepare_then_fail_to_deallocate(wrapper: Any) -> int:
+        one(wrapper, "PREPARE hp_f AS SELECT 1")
+        with pytest.raises(DatabaseError, match="aborted"):
+            deallocate_in_an_aborted_transaction(wrapper)
+        return pid_of(wrapper)
+
+    pid1 = in_thread(lambda: request(alias, prepare_then_fail_to_deallocate))
+
+    def look(wrapper: Any) -> tuple[Any, ...]:
+        return _rows(wrapper, OWN_PREPARED), pid_of(wrapper)
+
+    assert in_thread(lambda: request(alias, look)) == ([], pid1)
 
 
 # ------------------------------------------------------------ the pool's errors
