@@ -168,7 +168,22 @@ _LOCAL_TRUE = re.compile(r"\s*(?:true|'t'|'true'|'on'|'1')\s*\)")
 
 def changes(sql: str) -> int:
     """The flags of the session state ``sql`` changes (0 for nearly every statement)."""
+    return _changes_in(sql.lower())
+
+
+def changes_and_forgets(sql: str) -> int:
+    """:func:`changes`, plus :data:`FORGETS` for a statement that may make the server
+    forget prepared statements: for psycopg 3, which keeps its own (one ``lower()`` for
+    both questions)."""
     text = sql.lower()
+    flags = _changes_in(text)
+    if "dealloc" in text or "discard" in text:
+        flags |= FORGETS
+    return flags
+
+
+def _changes_in(text: str) -> int:
+    """:func:`changes` of an already lowercased statement."""
     if (
         "temp" in text
         or "set_config" in text
@@ -178,25 +193,6 @@ def changes(sql: str) -> int:
     ):
         return _read(text)
     return 0
-
-
-def changes_and_forgets(sql: str) -> int:
-    """:func:`changes`, plus :data:`FORGETS` for a statement that may make the server
-    forget prepared statements: for psycopg 3, which keeps its own (one ``lower()`` for
-    both questions)."""
-    text = sql.lower()
-    flags = 0
-    if (
-        "temp" in text
-        or "set_config" in text
-        or "advisory" in text
-        or ";" in text
-        or text.lstrip().startswith(_KEYWORDS)
-    ):
-        flags = _read(text)
-    if "dealloc" in text or "discard" in text:
-        flags |= FORGETS
-    return flags
 
 
 def _read(text: str) -> int:
