@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import dj_database_url
 import pytest
@@ -23,6 +23,7 @@ from django.db import InterfaceError, OperationalError, connections
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.backends.postgresql.psycopg_any import is_psycopg3
 
+from devtools.relay import TcpRelay
 from herokupool import registry
 
 pytestmark = pytest.mark.integration
@@ -168,3 +169,22 @@ def postmaster_pid(cluster: Any) -> int:
 def resume(cluster: Any) -> None:
     if cluster.is_running():
         os.kill(postmaster_pid(cluster), signal.SIGCONT)
+
+
+@pytest.fixture
+def relay(pg_server: Any) -> Iterator[TcpRelay]:
+    """A relay to the test server (paused by the test; forwarding again at the end)."""
+    parts = urlsplit(pg_server.url)
+    with TcpRelay(parts.hostname or "127.0.0.1", parts.port or 5432) as relay:
+        try:
+            yield relay
+        finally:
+            relay.resume()
+
+
+def through(relay: TcpRelay, dsn: str) -> str:
+    """``dsn`` with its host and port replaced by the relay's."""
+    parts = urlsplit(dsn)
+    netloc = parts.netloc.rsplit("@", 1)
+    userinfo = netloc[0] + "@" if len(netloc) == 2 else ""
+    return urlunsplit(parts._replace(netloc=f"{userinfo}{relay.host}:{relay.port}"))

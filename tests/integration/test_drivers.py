@@ -25,7 +25,7 @@ from herokupool.errors import PoolTimeout
 from herokupool.pool import ConnectionPool
 from tests.drivers import INSTALLED, connect, connector, module, pending_notifications, query
 from tests.helpers import wait_until
-from tests.integration.conftest import MakeCluster, pids_of
+from tests.integration.conftest import MakeCluster, pids_of, through
 from tests.integration.test_fork import IGNORE_FORK_WARNING, fork
 
 SLACK = 1.5  # seconds of scheduling slack on a loaded CI machine
@@ -329,23 +329,6 @@ def test_notifications_left_unread_are_dropped_on_release(
     assert pending_notifications(conn) == []
     query(conn, f"UNLISTEN {channel}")
     pool.release(conn)
-
-
-@pytest.fixture
-def relay(pg_server: Any) -> Iterator[TcpRelay]:
-    parts = urlsplit(pg_server.url)
-    with TcpRelay(parts.hostname or "127.0.0.1", parts.port or 5432) as relay:
-        try:
-            yield relay
-        finally:
-            relay.resume()
-
-
-def through(relay: TcpRelay, dsn: str) -> str:
-    parts = urlsplit(dsn)
-    netloc = parts.netloc.rsplit("@", 1)
-    userinfo = netloc[0] + "@" if len(netloc) == 2 else ""
-    return urlunsplit(parts._replace(netloc=f"{userinfo}{relay.host}:{relay.port}"))
 
 
 def in_thread(target: Any, join: float) -> tuple[float, Any, BaseException | None]:

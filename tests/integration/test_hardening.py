@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import psycopg2
 import pytest
@@ -50,6 +50,7 @@ from tests.integration.conftest import (
     backend_pid,
     pids_of,
     settings_for,
+    through,
 )
 
 pytestmark = pytest.mark.integration
@@ -391,23 +392,6 @@ def test_a_signal_while_validating_on_a_frozen_backend_loses_no_slot(
 
 
 # ----------------------------------------------------------- item 5: time is bounded
-
-
-@pytest.fixture
-def relay(pg_server: Any) -> Iterator[TcpRelay]:
-    parts = urlsplit(pg_server.url)
-    with TcpRelay(parts.hostname or "127.0.0.1", parts.port or 5432) as relay:
-        try:
-            yield relay
-        finally:
-            relay.resume()
-
-
-def through(relay: TcpRelay, dsn: str) -> str:
-    parts = urlsplit(dsn)
-    netloc = parts.netloc.rsplit("@", 1)
-    userinfo = netloc[0] + "@" if len(netloc) == 2 else ""
-    return urlunsplit(parts._replace(netloc=f"{userinfo}{relay.host}:{relay.port}"))
 
 
 @pytest.mark.slow
