@@ -84,6 +84,44 @@ def app_backends(cluster: Any, user: str | None = None) -> set[int]:
     return {row[0] for row in query(cluster, sql, params)}
 
 
+def describe_backends(cluster: Any, user: str) -> str:
+    """The app's backends, one line each, with the local process that holds the client end of
+    each one's socket: what an assertion on their number shows when it fails."""
+    rows = query(
+        cluster,
+        "SELECT pid, backend_start, state, client_port, left(query, 60) FROM pg_stat_activity "
+        "WHERE datname = %s AND usename = %s ORDER BY backend_start",
+        [APP_DB, user],
+    )
+    owners = _socket_owners()
+    return "\n".join(
+        f"backend {pid} since {start:%H:%M:%S.%f} {state} port {port} "
+        f"held by {owners.get(port, '?')}: {sql!r}"
+        for pid, start, state, port, sql in rows
+    )
+
+
+def _socket_owners() -> dict[int, str]:
+    """Local TCP port -> "pid (command line)" of the process holding that socket (Linux)."""
+    inodes: dict[str, int] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text(encoding="ascii").splitlines()[1:]:
+                fields = line.split()
+                inodes[fields[9]] = int(fields[1].rsplit(":", 1)[1], 16)
+    owners: dict[int, str] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in (proc / "fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:[") and target[8:-1] in inodes:
+                    argv = (proc / "cmdline").read_bytes().replace(b"\0", b" ")[:80]
+                    owners[inodes[target[8:-1]]] = f"{proc.name} ({argv.decode(errors='replace')})"
+    return owners
+
+
 _READY = re.compile(
     r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) UTC .*ready to accept connections", re.M
 )

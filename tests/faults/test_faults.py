@@ -35,6 +35,7 @@ from tests.faults.harness import (
     check_rows,
     connect,
     describe,
+    describe_backends,
     first_success_after,
     leaks_password,
     query,
@@ -524,7 +525,10 @@ def test_credential_rotation(
     results += load.results
     failures_b = [r for r in load.results if not r.ok]
     assert failures_b == [], describe(failures_b)
-    assert len(app_backends(cluster, APP_USER)) <= WORKERS * MAX_CONNS
+    assert len(app_backends(cluster, APP_USER)) <= WORKERS * MAX_CONNS, (
+        f"worker pids {sorted(app.worker_pids())}, master {app.pid}:\n"
+        + describe_backends(cluster, APP_USER)
+    )
     rows = check_rows(cluster, results)
     figures(
         requests=len(results),

@@ -371,6 +371,29 @@ def test_close_pool_closes_idle_sessions_and_later_releases(
     assert sessions() == 1
 
 
+@pytest.mark.psycopg3_only
+def test_threads_whose_first_connects_race_share_one_pool(
+    make_wrapper: MakeWrapper, sessions: Callable[[], int]
+) -> None:
+    """Django builds psycopg 3's adapters map (``context``) in an lru_cache, which two threads'
+    first connects can each fill: two equal maps, two objects. Keyed on the object, the second
+    thread got a pool of its own, and a gunicorn worker held MIN_CONNS twice over."""
+    from django.db.backends.postgresql.psycopg_any import get_adapters_template
+
+    first = make_wrapper(MIN_CONNS=2, MAX_CONNS=2)
+    first.ensure_connection()
+    context = first.get_connection_params()["context"]
+    get_adapters_template.cache_clear()  # what the racing thread's first call finds
+    second = make_wrapper(MIN_CONNS=2, MAX_CONNS=2)
+    second.ensure_connection()
+    assert second.get_connection_params()["context"] is not context
+    first.close()
+    second.close()
+    assert len(registry._pools[first.alias]) == 1
+    time.sleep(0.5)  # a second pool's background thread would have filled to MIN_CONNS by now
+    assert sessions() == 2
+
+
 # ----------------------------------------------------------------- 12 and 13: stats, leaks
 
 

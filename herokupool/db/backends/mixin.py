@@ -269,7 +269,7 @@ class PooledDatabaseWrapperMixin(_Base):
             and last[1] == options
         ):
             return last[2]
-        key = _pool_key(conn_params, options)
+        key = _pool_key(conn_params, options, (settings.USE_TZ, self.timezone))
         pool = registry.get(self.alias, key, lambda: self._new_pool(conn_params))
         self._herokupool_last = (dict(conn_params), dict(options), pool)
         return pool
@@ -542,16 +542,23 @@ class _ClosedConnection:
 _CLOSED: Any = _ClosedConnection()
 
 
-def _pool_key(conn_params: dict[str, Any], options: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+def _pool_key(
+    conn_params: dict[str, Any], options: dict[str, Any], time_zone: tuple[bool, Any]
+) -> tuple[tuple[str, str], ...]:
     """What makes two pools of one alias different: the libpq parameters (the password
-    left out) and the pool settings."""
+    left out) and the pool settings.
+
+    psycopg 3's adapters map (``context``) counts as what Django builds it from, USE_TZ and
+    the alias's time zone (``time_zone``), never as the object: Django makes it in an
+    ``lru_cache`` that the first connects of two threads can each fill, and two equal maps
+    must not make two pools (each holding MIN_CONNS).
+    """
     pool_settings, _ = split_options(options)
+    params = {**conn_params, **pool_settings}
+    if "context" in params:
+        params["context"] = time_zone
     return tuple(
-        sorted(
-            (key, repr(value))
-            for key, value in {**conn_params, **pool_settings}.items()
-            if key not in SECRET_KEYS
-        )
+        sorted((key, repr(value)) for key, value in params.items() if key not in SECRET_KEYS)
     )
 
 
