@@ -67,13 +67,17 @@ test-unit: venv
 # (they run in `make test`); the fault suite and devtools' own tests start private
 # servers whatever the DSN, so `make test` has already run them. Both drivers: the embedded
 # server is another PostgreSQL version than CI's service, and what a new user's `make test` meets.
-test-fresh: venv venv-pg3
-	env -u HEROKUPOOL_TEST_DSN -u DATABASE_URL HEROKUPOOL_TEST_DRIVER=psycopg2 \
-		$(BIN)/python -X dev -m pytest tests -m "not postgis" \
-		--ignore=tests/faults --ignore=tests/devtools $(PYTEST_ARGS)
-	env -u HEROKUPOOL_TEST_DSN -u DATABASE_URL HEROKUPOOL_TEST_DRIVER=psycopg3 \
-		$(BIN_PG3)/python -X dev -m pytest tests -m "not postgis" \
-		--ignore=tests/faults --ignore=tests/devtools $(PYTEST_ARGS)
+# FRESH_DRIVERS=psycopg3 runs one (CI, whose `make test` has run both on its service).
+FRESH_DRIVERS ?= psycopg2 psycopg3
+test-fresh: $(if $(filter psycopg2,$(FRESH_DRIVERS)),venv) $(if $(filter psycopg3,$(FRESH_DRIVERS)),venv-pg3)
+	@for driver in $(FRESH_DRIVERS); do \
+		case $$driver in psycopg2) bin=$(BIN);; psycopg3) bin=$(BIN_PG3);; \
+			*) echo "FRESH_DRIVERS: $$driver is neither psycopg2 nor psycopg3" >&2; exit 2;; esac; \
+		echo "--- test-fresh on $$driver"; \
+		env -u HEROKUPOOL_TEST_DSN -u DATABASE_URL HEROKUPOOL_TEST_DRIVER=$$driver \
+			$$bin/python -X dev -m pytest tests -m "not postgis" \
+			--ignore=tests/faults --ignore=tests/devtools $(PYTEST_ARGS) || exit 1; \
+	done
 
 # The fault suite (tests/faults, docs/reliability.md): the app under gunicorn on private
 # PostgreSQL servers through a restart, killed backends, an outage, a full server and a password
