@@ -743,34 +743,47 @@ class ConnectionPool:
     def _reset(self, conn: Any, cleanup: str | None) -> str | None:
         """Make ``conn`` ready for the next borrower; say why not when it cannot be."""
         driver = self._driver
-        if self.prepare_release is None and not (cleanup or self.reset) and driver.untouched(conn):
-            return None  # the common case, in one call: nothing to undo, no round trip
-        if driver.closed(conn):
-            return "lost"
-        status = driver.transaction_status(conn)
-        if status == _TX_IDLE:
-            in_transaction = False
-        elif status in (_TX_INTRANS, _TX_INERROR):
-            in_transaction = True
+        hook = self.prepare_release
+        if not (cleanup or self.reset) and driver.untouched(conn):
+            # The common case, in one call: open, idle, in autocommit, its characteristics
+            # unchanged; nothing to undo unless the hook says so.
+            if hook is None:
+                return None
+            in_transaction = session = False
         else:
-            # ACTIVE (a query still running), UNKNOWN (a broken socket) or HELD (a
-            # transaction block of the driver's own is still open).
             if driver.closed(conn):
                 return "lost"
-            return f"transaction status {drivers.status_name(status)}"
-        if self.prepare_release is None:
-            session = driver.session_changed(conn)
-        else:
-            # The hook knows what the loan changed: its undo runs after the rollback.
-            session = False
+            status = driver.transaction_status(conn)
+            if status == _TX_IDLE:
+                in_transaction = False
+            elif status in (_TX_INTRANS, _TX_INERROR):
+                in_transaction = True
+            else:
+                # ACTIVE (a query still running), UNKNOWN (a broken socket) or HELD (a
+                # transaction block of the driver's own is still open).
+                if driver.closed(conn):
+                    return "lost"
+                return f"transaction status {drivers.status_name(status)}"
+            # A hook knows what the loan changed, the characteristics included.
+            session = hook is None and driver.session_changed(conn)
+        if hook is not None:
+            # Its undo runs after the rollback.
             try:
-                undo = self.prepare_release(conn)
+                undo = hook(conn)
             except driver.not_reusable as error:
                 return f"it cannot be made new again: {_first_line(error)}"
             if undo:
                 cleanup = undo if cleanup is None else f"{cleanup}; {undo}"
         if not (in_transaction or cleanup or self.reset or session or not conn.autocommit):
-            return None  # the common case: nothing to undo, no round trip
+            return None  # nothing to undo, no round trip
+        return self._clean(conn, in_transaction, session, cleanup)
+
+    def _clean(
+        self, conn: Any, in_transaction: bool, session: bool, cleanup: str | None
+    ) -> str | None:
+        """End the transaction, reset the session characteristics, run ``cleanup`` and
+        the pool's ``reset``, under the pool's deadline; say why not when it failed."""
+        driver = self._driver
         try:
             limit = Deadline(driver.fileno(conn), self.timeout)
         except driver.errors:

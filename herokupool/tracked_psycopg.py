@@ -120,6 +120,10 @@ class TrackedConnection(psycopg.Connection[Any]):
         self._template: AdaptersMap | None = None
         self._baseline: tuple[Any, ...] = ()
         self._characteristics: tuple[Any, Any, Any] = (None, None, None)
+        # _loan_state() at the baseline (mark_baseline), and with the borrower's
+        # characteristics added (begin_loan): what client_state_changed() compares.
+        self._baseline_raw: tuple[Any, ...] = ()
+        self._expected: tuple[Any, ...] = ()
 
     def mark_baseline(self, context: AdaptersMap | None) -> None:
         """Take the connection's client-side state now as what every loan starts from.
@@ -128,6 +132,7 @@ class TrackedConnection(psycopg.Connection[Any]):
         self._template = context if context is not None else self.adapters
         self._adapters = _LoanAdapters(self._template)
         self._baseline = self._client_state()
+        self._baseline_raw = self._loan_state()[:5]
 
     def keep_adapters(self) -> None:
         """The adapters registered on the connection so far this loan are the backend's
@@ -145,6 +150,22 @@ class TrackedConnection(psycopg.Connection[Any]):
             self.prepared_max,
         )
 
+    def _loan_state(self) -> tuple[Any, ...]:
+        # What client_state_changed() compares, read without psycopg's properties (it runs
+        # on every release): the client state of _client_state(), prepared_max as psycopg
+        # stores it, then the session characteristics.
+        prepared = self._prepared
+        return (
+            self.cursor_factory,
+            self.server_cursor_factory,
+            self.row_factory,
+            prepared.prepare_threshold,
+            prepared.prepared_max,
+            self._isolation_level,
+            self._read_only,
+            self._deferrable,
+        )
+
     def begin_loan(self) -> None:
         """Start a loan: forget what the pool itself ran between loans, and note the
         session characteristics the borrower's set-up gave it, which the release keeps."""
@@ -152,7 +173,9 @@ class TrackedConnection(psycopg.Connection[Any]):
         if self.herokupool_prepared:
             self.herokupool_prepared = set()
         self.herokupool_forgot = False  # the last release's own DEALLOCATE ALL, if any
-        self._characteristics = (self.isolation_level, self.read_only, self.deferrable)
+        characteristics = (self._isolation_level, self._read_only, self._deferrable)
+        self._characteristics = characteristics
+        self._expected = self._baseline_raw + characteristics
         self._loan_open = True
 
     def note(self, flags: int, query: str) -> None:
@@ -238,21 +261,12 @@ class TrackedConnection(psycopg.Connection[Any]):
 
     def client_state_changed(self) -> bool:
         """Whether the loan left client-side state behind (see :func:`prepare_release`)."""
-        characteristics = self._characteristics
-        baseline = self._baseline
         adapters: Any = self._adapters
         return bool(
             self._handlers
             or self._notifies_backlog
             or adapters.herokupool_changed
-            or self.cursor_factory is not baseline[0]
-            or self.server_cursor_factory is not baseline[1]
-            or self.row_factory is not baseline[2]
-            or self.prepare_threshold != baseline[3]
-            or self.prepared_max != baseline[4]
-            or self.isolation_level != characteristics[0]
-            or self.read_only != characteristics[1]
-            or self.deferrable != characteristics[2]
+            or self._loan_state() != self._expected
         )
 
     def restore_client_state(self) -> None:
