@@ -23,7 +23,9 @@ A test of something only one driver has (psycopg2's ``cursor_factory`` classes, 
 ``Connection.execute``) is marked ``psycopg2_only`` or ``psycopg3_only`` and *deselected* on
 the other driver: it is not a skip, there is nothing to run.
 
-A test of django-prometheus' /metrics view is marked
+The Django version: a tox cell's name says which (``py312-django61``), and the session refuses to
+start when pip installed another (as it did while django-prometheus, which excludes Django 6.1,
+was in the test extra). A test of django-prometheus' /metrics view is marked
 ``django_prometheus``: on Django 6.1 and newer, which django-prometheus 2.5.0 (the newest)
 excludes, it is deselected when django-prometheus is not installed; on an older Django a
 session that would run one refuses to start without it (``make venv`` installs it).
@@ -76,6 +78,24 @@ def check_driver() -> None:
         raise pytest.UsageError(
             f"HEROKUPOOL_TEST_DRIVER is {expected} but Django loaded {actual} in this "
             f"virtualenv ({sys.prefix}): {hint}."
+        )
+
+
+def check_django() -> None:
+    """Refuse a tox cell whose Django is another version than its name says: pip installs an
+    older Django without a word when a test dependency excludes the one tox.ini pins."""
+    cell = os.environ.get("TOX_ENV_NAME", "")
+    named = re.search(r"(?:^|-)django(\d)(\d+)(?:-|$)", cell)
+    if named is None:
+        return
+    import django
+
+    expected = (int(named[1]), int(named[2]))
+    if django.VERSION[:2] != expected:
+        raise pytest.UsageError(
+            f"the tox environment {cell} is meant for Django {expected[0]}.{expected[1]} but "
+            f"has Django {django.__version__}: a dependency in this environment excludes "
+            f"Django {expected[0]}.{expected[1]} (pip resolved an older one to satisfy it)."
         )
 
 
@@ -139,6 +159,7 @@ def django_prometheus_deselected(items: list[pytest.Item]) -> bool:
 
 def pytest_configure(config: pytest.Config) -> None:
     check_driver()
+    check_django()
     config.addinivalue_line("markers", "psycopg2_only: runs on psycopg2 only (else deselected)")
     config.addinivalue_line("markers", "psycopg3_only: runs on psycopg 3 only (else deselected)")
 
