@@ -20,7 +20,9 @@ python=$1
 venv=$2
 psycopg2=$3
 origin=$4
-extras="test,dev,demo${5:+,$5}"
+# django-prometheus is not in the test extra (it excludes Django 6.1); .venv has the default
+# Django (6.0 while django-prometheus' newest declares Django<6.1), so it gets it.
+extras="test,dev,demo,django-prometheus${5:+,$5}"
 stamp="$venv/.installed"
 goals=${MAKE_GOALS:-venv}
 

@@ -6,13 +6,13 @@ Register it once, for example at the end of ``settings.py``::
 
     herokupool.prometheus.register()
 
-Every scrape of the registry (django-prometheus' ``/metrics`` view, or
-``prometheus_client.start_http_server``) then reads ``herokupool.stats()``: nothing is
-recorded on the borrow path.  Each series carries the labels ``alias``, ``dyno`` (``DYNO`` on
-Heroku, else empty) and ``pid``: a gunicorn worker reports only its own pools, so the series of
-two workers never merge into one.  To see every worker, scrape each one (django-prometheus'
-``PROMETHEUS_METRICS_EXPORT_PORT_RANGE`` gives each worker its own port) and sum by ``alias``
-in PromQL.
+Every scrape of the registry (prometheus_client's ``PrometheusDjangoView``, django-prometheus'
+``/metrics`` view, or ``prometheus_client.start_http_server``) then reads
+``herokupool.stats()``: nothing is recorded on the borrow path.  Each series carries the labels
+``alias``, ``dyno`` (``DYNO`` on Heroku, else empty) and ``pid``: a gunicorn worker reports only
+its own pools, so the series of two workers never merge into one.  To see every worker, scrape
+each one (django-prometheus' ``PROMETHEUS_METRICS_EXPORT_PORT_RANGE`` gives each worker its own
+port) and sum by ``alias`` in PromQL.
 
 In prometheus_client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR`` set in every process,
 as django-prometheus documents for gunicorn), a scrape reads only the files every process

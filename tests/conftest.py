@@ -22,10 +22,18 @@ the wrong driver silently. pytest's header names the driver loaded.
 A test of something only one driver has (psycopg2's ``cursor_factory`` classes, psycopg 3's
 ``Connection.execute``) is marked ``psycopg2_only`` or ``psycopg3_only`` and *deselected* on
 the other driver: it is not a skip, there is nothing to run.
+
+The Django version: a tox cell's name says which (``py312-django61``), and the session refuses to
+start when pip installed another (as it did while django-prometheus, which excludes Django 6.1,
+was in the test extra). A test of django-prometheus' /metrics view is marked
+``django_prometheus``: on Django 6.1 and newer, which django-prometheus 2.5.0 (the newest)
+excludes, it is deselected when django-prometheus is not installed; on an older Django a
+session that would run one refuses to start without it (``make venv`` installs it).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -73,6 +81,24 @@ def check_driver() -> None:
         )
 
 
+def check_django() -> None:
+    """Refuse a tox cell whose Django is another version than its name says: pip installs an
+    older Django without a word when a test dependency excludes the one tox.ini pins."""
+    cell = os.environ.get("TOX_ENV_NAME", "")
+    named = re.search(r"(?:^|-)django(\d)(\d+)(?:-|$)", cell)
+    if named is None:
+        return
+    import django
+
+    expected = (int(named[1]), int(named[2]))
+    if django.VERSION[:2] != expected:
+        raise pytest.UsageError(
+            f"the tox environment {cell} is meant for Django {expected[0]}.{expected[1]} but "
+            f"has Django {django.__version__}: a dependency in this environment excludes "
+            f"Django {expected[0]}.{expected[1]} (pip resolved an older one to satisfy it)."
+        )
+
+
 def pytest_report_header(config: pytest.Config) -> str:
     import django
 
@@ -107,22 +133,53 @@ def require(available: bool, what: str) -> None:
 DRIVER_MARKERS = {"psycopg2_only": False, "psycopg3_only": True}
 
 
+#: The first Django version django-prometheus does not support (2.5.0 declares Django<6.1).
+DJANGO_PROMETHEUS_BEFORE = (6, 1)
+
+
+def django_prometheus_deselected(items: list[pytest.Item]) -> bool:
+    """Whether the tests marked django_prometheus are deselected: django-prometheus is not
+    installed and this Django is one it does not support. Raises UsageError when it is not
+    installed and this Django is one it supports: the tests would prove nothing by leaving."""
+    import django
+
+    if importlib.util.find_spec("django_prometheus") is not None:
+        return False
+    if django.VERSION[:2] >= DJANGO_PROMETHEUS_BEFORE:
+        return True
+    if any(item.get_closest_marker("django_prometheus") is not None for item in items):
+        raise pytest.UsageError(
+            f"django-prometheus is not installed in this virtualenv ({sys.prefix}) and its "
+            f"Django, {django.__version__}, is one django-prometheus supports: install "
+            "herokupool[django-prometheus] (make venv does) to run the tests marked "
+            "django_prometheus."
+        )
+    return False
+
+
 def pytest_configure(config: pytest.Config) -> None:
     check_driver()
+    check_django()
     config.addinivalue_line("markers", "psycopg2_only: runs on psycopg2 only (else deselected)")
     config.addinivalue_line("markers", "psycopg3_only: runs on psycopg 3 only (else deselected)")
 
 
+# trylast: after -k and -m have deselected theirs, so that `-m "not django_prometheus"` runs.
+@pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     from django.db.backends.postgresql.psycopg_any import is_psycopg3
 
+    without_django_prometheus = django_prometheus_deselected(items)
     keep, drop = [], []
     for item in items:
-        wrong = any(
+        wrong_driver = any(
             item.get_closest_marker(name) is not None and needs_psycopg3 != is_psycopg3
             for name, needs_psycopg3 in DRIVER_MARKERS.items()
         )
-        (drop if wrong else keep).append(item)
+        unsupported = (
+            without_django_prometheus and item.get_closest_marker("django_prometheus") is not None
+        )
+        (drop if wrong_driver or unsupported else keep).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep

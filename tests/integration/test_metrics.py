@@ -1,6 +1,11 @@
 """Metrics and load shedding against a real PostgreSQL, through Django's backend: the
-Prometheus collector scraped through django-prometheus' /metrics with Django's test client,
-MAX_WAITING under a thread storm, and no password in any metric, log line or error."""
+Prometheus collector scraped at /metrics with Django's test client, MAX_WAITING under a thread
+storm, and no password in any metric, log line or error.
+
+/metrics is served two ways: by prometheus_client's own Django view (this module is that
+URLconf), on every Django version, and by django-prometheus' view (tests marked
+``django_prometheus``; deselected on Django 6.1 and newer when it is not installed, as
+django-prometheus 2.5.0 does not support them: see tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +23,8 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import pytest
 from django.db import OperationalError
 from django.test import Client
-from django.urls import include, path
+from django.urls import path
+from prometheus_client.django import PrometheusDjangoView
 from prometheus_client.parser import text_string_to_metric_families
 
 import herokupool
@@ -29,10 +35,27 @@ from tests.integration.conftest import MakeWrapper
 
 pytestmark = pytest.mark.integration
 
-# This module is the URLconf of the tests marked urls(__name__): django-prometheus' view.
-urlpatterns = [path("", include("django_prometheus.urls"))]
+# This module is the URLconf of the tests marked urls(__name__) and of the exporter fixture's
+# "prometheus_client" case: prometheus_client's view, which needs nothing else.
+urlpatterns = [path("metrics", PrometheusDjangoView.as_view())]
 
 SECRET = "Pw-d0-n0t-leak-7c1e9b"
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(__name__, id="prometheus_client"),
+        pytest.param(
+            "tests.integration.django_prometheus_urls",
+            id="django_prometheus",
+            marks=pytest.mark.django_prometheus,
+        ),
+    ]
+)
+def exporter(request: pytest.FixtureRequest, settings: Any) -> str:
+    """The URLconf serving /metrics: prometheus_client's view, then django-prometheus'."""
+    settings.ROOT_URLCONF = request.param  # Django clears its URL caches on the change
+    return str(request.param)
 
 
 @pytest.fixture
@@ -53,9 +76,12 @@ def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return samples
 
 
-@pytest.mark.urls(__name__)
-def test_the_collector_is_scraped_through_django_prometheus(
-    make_wrapper: MakeWrapper, alias: str, collector: object, monkeypatch: pytest.MonkeyPatch
+def test_the_collector_is_scraped_at_metrics(
+    exporter: str,
+    make_wrapper: MakeWrapper,
+    alias: str,
+    collector: object,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("DYNO", "web.3")
     wrapper = make_wrapper(MAX_CONNS=3, MAX_WAITING=5)
@@ -225,13 +251,12 @@ print(os.getpid())
 """
 
 
-@pytest.mark.urls(__name__)
 @pytest.mark.parametrize("driver_name", INSTALLED)
 def test_multiprocess_mode_reports_every_worker(
-    driver_name: str, dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    exporter: str, driver_name: str, dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Two processes in prometheus_client's multiprocess mode (as gunicorn workers are); one
-    scrape through django-prometheus sees both: gauges per pid, counters summed."""
+    scrape of /metrics sees both: gauges per pid, counters summed."""
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "DYNO": "web.1"}
     pids = {}
     for borrowed in (1, 3):
@@ -242,6 +267,9 @@ def test_multiprocess_mode_reports_every_worker(
         assert worker.returncode == 0, worker.stderr
         pids[borrowed] = worker.stdout.strip()
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    # prometheus_client's view reads the variable once, when it is imported (a server sets it
+    # before it starts); django-prometheus' reads it at every request.
+    monkeypatch.setattr(PrometheusDjangoView, "multiprocess_mode", True)
     samples = scrape()
     for borrowed, pid in pids.items():
         labels = (("alias", "mp"), ("dyno", "web.1"), ("pid", pid))
