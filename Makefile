@@ -19,7 +19,7 @@ PSYCOPG2 ?= $(if $(shell command -v pg_config),source,binary)
 
 help:
 	@echo "make help         this list"
-	@echo "make venv         .venv with the package and its test, dev and demo extras (PYTHON=...)"
+	@echo "make venv         .venv with the package and its test, dev, demo and django-prometheus extras (PYTHON=...)"
 	@echo "make venv-pg3     .venv-pg3: the same plus the psycopg extra (psycopg 3)"
 	@echo "make run          the demo app (embedded PostgreSQL unless DATABASE_URL is set)"
 	@echo "make test         the whole test suite on psycopg2, then on psycopg 3 (PYTEST_ARGS=...)"
