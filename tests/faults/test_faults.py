@@ -57,7 +57,7 @@ AFTER = 2.5
 UNAVAILABLE = re.compile(
     r"connection refused|could not connect|server closed the connection|terminating connection"
     r"|shutting down|starting up|not yet accepting|connection already closed|timeout expired"
-    r"|no connection to the server|timed out after",
+    r"|no connection to the server|timed out after|connection reset by peer",
     re.I,
 )
 
