@@ -100,6 +100,11 @@ class _LoanTypes(TypesRegistry):
         super().add(info)
 
 
+# How many items of TrackedConnection._loan_state() are client state (the rest: the session
+# characteristics).
+_CLIENT_STATE = 5
+
+
 class TrackedConnection(psycopg.Connection[Any]):
     """A psycopg 3 connection that records what each loan changed (see the module
     docstring).  ``assumed_role`` is the role the backend's session set-up assumed on
@@ -118,11 +123,11 @@ class TrackedConnection(psycopg.Connection[Any]):
         self._loan_open = False
         self._handlers: list[tuple[Callable[[Any], None], Any]] | None = None
         self._template: AdaptersMap | None = None
+        # The client state every loan starts from (see _loan_state(), set by mark_baseline)
+        # and, with the borrower's characteristics added by begin_loan(), what
+        # client_state_changed() compares.
         self._baseline: tuple[Any, ...] = ()
         self._characteristics: tuple[Any, Any, Any] = (None, None, None)
-        # _loan_state() at the baseline (mark_baseline), and with the borrower's
-        # characteristics added (begin_loan): what client_state_changed() compares.
-        self._baseline_raw: tuple[Any, ...] = ()
         self._expected: tuple[Any, ...] = ()
 
     def mark_baseline(self, context: AdaptersMap | None) -> None:
@@ -131,8 +136,7 @@ class TrackedConnection(psycopg.Connection[Any]):
         template it was opened with (Django's)."""
         self._template = context if context is not None else self.adapters
         self._adapters = _LoanAdapters(self._template)
-        self._baseline = self._client_state()
-        self._baseline_raw = self._loan_state()[:5]
+        self._baseline = self._loan_state()[:_CLIENT_STATE]
 
     def keep_adapters(self) -> None:
         """The adapters registered on the connection so far this loan are the backend's
@@ -141,19 +145,11 @@ class TrackedConnection(psycopg.Connection[Any]):
         adapters: Any = self._adapters
         adapters.herokupool_changed = False
 
-    def _client_state(self) -> tuple[Any, ...]:
-        return (
-            self.cursor_factory,
-            self.server_cursor_factory,
-            self.row_factory,
-            self.prepare_threshold,
-            self.prepared_max,
-        )
-
     def _loan_state(self) -> tuple[Any, ...]:
-        # What client_state_changed() compares, read without psycopg's properties (it runs
-        # on every release): the client state of _client_state(), prepared_max as psycopg
-        # stores it, then the session characteristics.
+        # The client state (the first _CLIENT_STATE items, which restore_client_state() puts
+        # back through psycopg's setters), then the session characteristics; read without
+        # psycopg's properties, as it runs on every release (prepared_max as psycopg stores
+        # it: its setter takes that value back unchanged).
         prepared = self._prepared
         return (
             self.cursor_factory,
@@ -175,7 +171,7 @@ class TrackedConnection(psycopg.Connection[Any]):
         self.herokupool_forgot = False  # the last release's own DEALLOCATE ALL, if any
         characteristics = (self._isolation_level, self._read_only, self._deferrable)
         self._characteristics = characteristics
-        self._expected = self._baseline_raw + characteristics
+        self._expected = self._baseline + characteristics
         self._loan_open = True
 
     def note(self, flags: int, query: str) -> None:
