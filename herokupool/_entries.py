@@ -186,6 +186,12 @@ class Entries:
         self.lent[entry.key] = entry
         return conn
 
+    def take_back(self, entry: Entry, conn: Any) -> None:
+        """Undo :meth:`lend_top` of a connection the borrower did not get (it found the
+        socket readable): IDLE on top again, and not counted as a borrow."""
+        self.shelve(entry, conn)
+        self.borrows -= 1
+
     def give_back(self, entry: Entry, conn: Any, now: float) -> None:
         """A lent ``entry`` comes back clean: IDLE, on top of the stack (:meth:`shelve` for
         the fast path, inlined)."""

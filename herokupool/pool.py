@@ -301,17 +301,35 @@ class ConnectionPool:
                     and (self.validate_after is None or now - entry.last_used < self.validate_after)
                     and poller is not None
                     and not entry.suspect
-                    and not poller.poll(0)
                 ):
                     conn = entries.lend_top(now, get_ident())
                     in_use = entries.counts[_LENT]
         if conn is None:
+            return self._borrow_slowly(self.timeout if timeout is None else timeout)
+        # Nothing read from or waiting on its socket, polled outside the lock: poll() lets
+        # go of the GIL, and a lock held meanwhile would queue every other borrower and
+        # releaser behind a thread waiting for the GIL back.
+        if poller.poll(0):  # type: ignore[union-attr]  # not None, checked above
+            self._take_back(entry, conn)
             return self._borrow_slowly(self.timeout if timeout is None else timeout)
         # Outside the lock: note_in_use is lock-free (see herokupool.metrics).
         self._window.note_in_use(in_use, now)
         if self.leak_threshold is not None:
             entry.stack = traceback.format_stack()[:-1]
         return conn
+
+    def _take_back(self, entry: Entry, conn: Any) -> None:
+        """The fast path lent ``entry`` and then found its socket readable: IDLE again,
+        marked for whoever takes it next to check with a query (closed, if the pool closed
+        meanwhile)."""
+        with self._lock:
+            if not self._closed:
+                self._entries.take_back(entry, conn)
+                entry.suspect = True
+                return
+            self._entries.remove(entry)
+            self._counters[CONNECTIONS_CLOSED] += 1
+        self._close_quietly(conn)
 
     def _borrow_slowly(self, timeout: float) -> Any:
         """Validate, open or wait: every borrow the fast path could not serve.

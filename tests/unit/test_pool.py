@@ -449,6 +449,34 @@ def test_a_quiet_socket_costs_no_query_within_the_validation_window() -> None:
     assert pool.stats()["validations"] == 1
 
 
+def test_the_idle_socket_is_polled_outside_the_pools_lock() -> None:
+    """poll() lets go of the GIL: polled under the pool's lock, every other borrower and
+    releaser would queue on the lock behind a thread waiting to get the GIL back."""
+    pool = make_pool()
+    conn = pool.borrow()
+    pool.release(conn)
+    entry = pool._entries.idle[-1]
+    poller = entry.poller
+    assert poller is not None
+    locked_while_polling = []
+
+    class Spy:
+        def poll(self, timeout: float) -> list[tuple[int, int]]:
+            locked_while_polling.append(pool._lock.locked())
+            return poller.poll(timeout)
+
+    entry.poller = Spy()  # type: ignore[assignment]
+    assert pool.borrow() is conn
+    assert locked_while_polling == [False]
+    pool.release(conn)
+    conn.notify(b"NOTIFY")  # found readable on the fast path: read, then checked with a query
+    assert pool.borrow() is conn
+    assert locked_while_polling[1] is False
+    assert conn.executed == ["SELECT 1"]
+    stats = pool.stats()
+    assert (stats["borrows"], stats["validations"], stats["in_use"]) == (3, 1, 1), stats
+
+
 def test_test_on_borrow_validates_every_time() -> None:
     pool = make_pool(test_on_borrow=True)
     conn = pool.borrow()  # freshly opened: nothing to validate
