@@ -309,7 +309,12 @@ class ConnectionPool:
         # Nothing read from or waiting on its socket, polled outside the lock: poll() lets
         # go of the GIL, and a lock held meanwhile would queue every other borrower and
         # releaser behind a thread waiting for the GIL back.
-        if poller.poll(0):  # type: ignore[union-attr]  # not None, checked above
+        try:
+            readable = poller.poll(0)  # type: ignore[union-attr]  # not None, checked above
+        except BaseException:
+            self._take_back(entry, conn)  # interrupted: back in the pool, untouched
+            raise
+        if readable:
             self._take_back(entry, conn)
             return self._borrow_slowly(self.timeout if timeout is None else timeout)
         # Outside the lock: note_in_use is lock-free (see herokupool.metrics).

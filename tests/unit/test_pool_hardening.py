@@ -465,6 +465,32 @@ def test_a_signal_handlers_exception_is_never_swallowed(step: str) -> None:
     assert pool.borrow(timeout=0.1) is not conn, "the slot is free again"
 
 
+def test_an_interruption_in_the_fast_paths_poll_keeps_the_connection() -> None:
+    """The fast path takes the idle connection, then polls its socket outside the lock: a
+    signal handler's exception landing as the poll returns must leave the connection in the
+    pool (checked with a query before it is lent again), not lent to nobody."""
+    pool = make_pool(max_conns=1)
+    conn = pool.borrow()
+    pool.release(conn)
+    entry = pool._entries.idle[-1]
+    poller = entry.poller
+
+    class Interrupting:
+        def poll(self, timeout: float) -> Any:
+            entry.poller = poller  # once
+            raise SoftTimeLimit
+
+    entry.poller = Interrupting()
+    with pytest.raises(SoftTimeLimit):
+        pool.borrow()
+    stats = assert_exact(pool)
+    assert (stats["in_use"], stats["idle"]) == (0, 1), stats
+    assert pool.borrow(timeout=0.1) is conn, "the same connection, not a new one"
+    assert conn.executed == ["SELECT 1"], "checked before it was lent again"
+    pool.release(conn)
+    assert_exact(pool)
+
+
 def test_a_connection_found_readable_by_a_sweep_is_validated_before_it_is_lent() -> None:
     """A killed backend sends its FATAL before it closes the socket.  A sweep that reads the
     FATAL before the close arrives cannot tell it from a notification: the connection stays,
