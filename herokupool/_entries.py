@@ -187,8 +187,8 @@ class Entries:
         return conn
 
     def take_back(self, entry: Entry, conn: Any) -> None:
-        """Undo :meth:`lend_top` of a connection the borrower did not get (it found the
-        socket readable): IDLE on top again, and not counted as a borrow."""
+        """Undo :meth:`lend_top` of a connection the borrower did not get (its socket was
+        readable, or the poll was interrupted): IDLE on top again, not counted as a borrow."""
         self.shelve(entry, conn)
         self.borrows -= 1
 

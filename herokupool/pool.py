@@ -324,9 +324,9 @@ class ConnectionPool:
         return conn
 
     def _take_back(self, entry: Entry, conn: Any) -> None:
-        """The fast path lent ``entry`` and then found its socket readable: IDLE again,
-        marked for whoever takes it next to check with a query (closed, if the pool closed
-        meanwhile)."""
+        """The fast path lent ``entry``, then found its socket readable or was interrupted
+        polling it: IDLE again, marked for whoever takes it next to check with a query
+        (closed, if the pool closed meanwhile)."""
         with self._lock:
             if not self._closed:
                 self._entries.take_back(entry, conn)
