@@ -332,9 +332,7 @@ class ConnectionPool:
                 self._entries.take_back(entry, conn)
                 entry.suspect = True
                 return
-            self._entries.remove(entry)
-            self._counters[CONNECTIONS_CLOSED] += 1
-        self._close_quietly(conn)
+        self._end_loan(entry, conn, CONNECTIONS_CLOSED, "taken back into a closed pool")
 
     def _borrow_slowly(self, timeout: float) -> Any:
         """Validate, open or wait: every borrow the fast path could not serve.

@@ -491,6 +491,25 @@ def test_an_interruption_in_the_fast_paths_poll_keeps_the_connection() -> None:
     assert_exact(pool)
 
 
+def test_a_connection_taken_back_into_a_pool_closed_meanwhile_is_closed() -> None:
+    pool = make_pool(max_conns=1)
+    conn = pool.borrow()
+    pool.release(conn)
+    entry = pool._entries.idle[-1]
+
+    class ClosingThePool:
+        def poll(self, timeout: float) -> Any:
+            pool.close()  # another thread closes the pool while this borrow polls
+            return [(0, 1)]  # readable: the connection goes back
+
+    entry.poller = ClosingThePool()
+    with pytest.raises(PoolClosed):
+        pool.borrow()
+    assert conn.closed, "not left open in a closed pool"
+    stats = assert_exact(pool)
+    assert (stats["in_use"], stats["idle"]) == (0, 0), stats
+
+
 def test_a_connection_found_readable_by_a_sweep_is_validated_before_it_is_lent() -> None:
     """A killed backend sends its FATAL before it closes the socket.  A sweep that reads the
     FATAL before the close arrives cannot tell it from a notification: the connection stays,
