@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import heapq
 import itertools
+import math
 import os
 import socket
 import threading
@@ -91,6 +92,11 @@ class _Watchdog:
         self._armed: dict[int, int] = {}
         self._cut: dict[int, int] = {}  # key -> the dup, once cut, until disarmed
         self._thread: threading.Thread | None = None
+        # When the thread's wait ends by itself (inf: it waits for a notify).  An arming
+        # earlier than that wakes it, whatever else is queued: a deadline queued by an
+        # arming that an exception interrupted before it woke the thread may be at the
+        # top of the heap, disarmed, while the thread sleeps without a timeout.
+        self._sleeps_until = math.inf
 
     def arm(self, key: int, fd: int, when: float) -> None:
         """Watch a copy of ``fd`` (raises OSError when ``fd`` is already closed)."""
@@ -102,8 +108,10 @@ class _Watchdog:
                     target=self._run, name="herokupool-deadlines", daemon=True
                 )
                 self._thread.start()
-            elif self._heap[0][1] == key:
-                self._cond.notify()  # earlier than what the thread sleeps towards
+            elif when < self._sleeps_until:
+                self._cond.notify()
+                # After the notify: interrupted before it, the next arming wakes the thread.
+                self._sleeps_until = when
 
     def disarm(self, key: int) -> bool:
         with self._cond:
@@ -123,10 +131,12 @@ class _Watchdog:
                 while self._heap and (self._heap[0][1] not in self._armed):
                     heapq.heappop(self._heap)  # disarmed in time
                 if not self._heap:
+                    self._sleeps_until = math.inf
                     self._cond.wait()
                     continue
                 when, key = self._heap[0]
                 if when > now:
+                    self._sleeps_until = when
                     self._cond.wait(when - now)
                     continue
                 heapq.heappop(self._heap)

@@ -6,8 +6,15 @@ from __future__ import annotations
 import os
 import select
 import socket
+import sys
 import time
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
 
+import pytest
+
+from herokupool import _deadline
 from herokupool._deadline import Deadline
 
 
@@ -111,3 +118,68 @@ def test_disarming_leaves_no_descriptor_behind() -> None:
     finally:
         client.close()
         server.close()
+
+
+class _Interrupted(BaseException):
+    """What a signal handler raises (KeyboardInterrupt, Celery's SoftTimeLimitExceeded)."""
+
+
+_ARM = _deadline._Watchdog.arm.__code__
+_ARM_LINES = sorted({line for _, _, line in _ARM.co_lines() if line and line > _ARM.co_firstlineno})
+
+
+@pytest.mark.parametrize("asleep", ["without a deadline", "until a later deadline"])
+@pytest.mark.parametrize("line", _ARM_LINES)
+def test_an_interrupted_arming_never_stalls_later_deadlines(line: int, asleep: str) -> None:
+    # An exception landing anywhere in arm() (a signal handler's, in the thread that arms)
+    # may leave a deadline queued that the watchdog was not woken for; its caller disarms it
+    # in a finally. The watchdog sleeps without a timeout, or until a deadline later than
+    # the next one: the next deadline armed must still be kept.
+    watchdog = _deadline._Watchdog()
+    client, server = socket.socketpair()
+    late_client, late_server = socket.socketpair()
+    try:
+        watchdog.arm(1, client.fileno(), time.monotonic() + 0.01)
+        _wait_for(lambda: 1 in watchdog._cut)  # the thread exists and has run
+        watchdog.disarm(1)
+        if asleep == "until a later deadline":
+            watchdog.arm(2, late_client.fileno(), time.monotonic() + 60)
+        _wait_for(lambda: len(watchdog._cond._waiters) == 1)
+
+        def trace(frame: FrameType, event: str, arg: Any) -> Any:
+            if frame.f_code is not _ARM:
+                return None
+            if event == "line" and frame.f_lineno == line:
+                frame.f_trace = None
+                raise _Interrupted
+            return trace
+
+        sys.settrace(trace)
+        try:
+            watchdog.arm(3, client.fileno(), time.monotonic() + 0.01)
+        except _Interrupted:
+            pass
+        finally:
+            sys.settrace(None)
+        watchdog.disarm(3)  # as Deadline's callers do in a finally
+        client.close()
+        server.close()
+
+        client, server = socket.socketpair()
+        watchdog.arm(4, client.fileno(), time.monotonic() + 0.05)
+        readable, _, _ = select.select([client], [], [], 5)
+        assert readable == [client], f"interrupted at line {line}: a later deadline was not kept"
+        assert watchdog.disarm(4) is True
+        assert watchdog.disarm(2) is False, "the later deadline was cut early"
+    finally:
+        for key in (2, 4):
+            watchdog.disarm(key)
+        for sock in (client, server, late_client, late_server):
+            sock.close()
+
+
+def _wait_for(condition: Callable[[], bool], limit: float = 5.0) -> None:
+    deadline = time.monotonic() + limit
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
