@@ -15,7 +15,7 @@ BIN_PG3 := $(VENV_PG3)/bin
 PSYCOPG2 ?= $(if $(shell command -v pg_config),source,binary)
 
 .PHONY: help venv venv-pg3 test test-psycopg2 test-psycopg3 test-unit test-fresh matrix lint format \
-	run bench bench-quick faults clean fleet
+	run bench bench-quick bench-instructions faults clean fleet
 
 help:
 	@echo "make help         this list"
@@ -32,6 +32,7 @@ help:
 	@echo "make format       ruff's fixes and formatting, applied"
 	@echo "make bench        the benchmark against peers"
 	@echo "make bench-quick  a short run of the benchmark"
+	@echo "make bench-instructions  Django connect+close in CPU instructions (valgrind), floor included"
 	@echo "make faults       restarts, killed backends, outage, full server, new password, soak (both drivers)"
 	@echo "make fleet        fleet sizing: 2/8/32 processes vs max_connections 20, direct and via PgBouncer"
 	@echo "make clean        remove .venv, .venv-pg3, tox's environments, build output and tool caches"
@@ -110,6 +111,13 @@ bench:
 bench-quick:
 	sh bench/venv.sh $(PYTHON)
 	.venv-bench/bin/python -m bench --quick $(BENCH_ARGS)
+
+# Django's connect+close counted in instructions under valgrind's callgrind (bench/instructions.py):
+# the native pool, herokupool and Django's own floor on psycopg 3; the same on a busy machine as on
+# a quiet one. About 5 minutes; needs valgrind.
+bench-instructions:
+	sh bench/venv.sh $(PYTHON)
+	.venv-bench/bin/python -m bench.instructions $(BENCH_ARGS)
 
 # Fleet sizing (bench/fleet.py, docs/fleet.md): N = 2, 8, 32 worker processes, each with its own
 # pool, against a private PostgreSQL with max_connections 20, directly and through PgBouncer

@@ -473,6 +473,18 @@ def metadata_block(target: Target, plan: Plan, quick: bool, started: float) -> d
     }
 
 
+def target_from_url(url: str) -> Target:
+    """The benchmark database a ``--database-url`` names."""
+    parsed = dj_database_url.parse(url)
+    return Target(
+        host=parsed.get("HOST") or "127.0.0.1",
+        port=int(parsed.get("PORT") or 5432),
+        user=parsed.get("USER") or "postgres",
+        dbname=parsed.get("NAME") or "herokupool_bench",
+        password=parsed.get("PASSWORD") or "",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="the short run (make bench-quick)")
@@ -524,14 +536,7 @@ def main(argv: list[str] | None = None) -> int:
         else ROOT / "bench" / "results"
     )
     out.mkdir(parents=True, exist_ok=True)
-    parsed = dj_database_url.parse(args.database_url)
-    target = Target(
-        host=parsed.get("HOST") or "127.0.0.1",
-        port=int(parsed.get("PORT") or 5432),
-        user=parsed.get("USER") or "postgres",
-        dbname=parsed.get("NAME") or "herokupool_bench",
-        password=parsed.get("PASSWORD") or "",
-    )
+    target = target_from_url(args.database_url)
     configs = by_name(args.only)
     if find_pgbouncer() is None and any(c.via_pgbouncer for c in configs):
         log("pgbouncer is not installed: skipping that configuration (apt-get install pgbouncer)")
