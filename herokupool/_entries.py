@@ -23,12 +23,13 @@ it right, and whoever meets it first does.  Nothing here does I/O or takes a loc
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import random
 import select
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 __all__ = ["Entries", "Entry", "State"]
 
@@ -79,7 +80,7 @@ class Entry:
         self.expires_at = float("inf")
         self.stack: list[str] | None = None
         self.holder: int | None = None  # the borrowing thread's ident
-        self.poller: select.poll | None = None
+        self.poller: Poller | None = None
         # Something arrived while idle and was read without a query (a sweep): a
         # notification, or a FATAL whose close has not arrived yet.  The next borrow checks
         # it with a query.
@@ -283,13 +284,63 @@ class Entries:
         return found
 
 
-def _poller(conn: Any, fileno: Callable[[Any], int]) -> select.poll | None:
+def _poller(conn: Any, fileno: Callable[[Any], int]) -> Poller | None:
     """A poll object on the connection's socket, made once per connection: each check is then
     one zero-timeout poll() call.  None when there is no socket to watch (the check then
     falls back to a validation query)."""
     try:
+        fd = fileno(conn)
+        if _libc_poll is not None:
+            return HeldPoll(fd, _libc_poll)
         poller = select.poll()
-        poller.register(fileno(conn), select.POLLIN)
+        poller.register(fd, select.POLLIN)
     except Exception:
         return None
     return poller
+
+
+class Poller(Protocol):
+    def poll(self, timeout: int, /) -> Any:
+        """Truthy when the socket has something to read (or an error)."""
+
+
+class _PollFd(ctypes.Structure):
+    _fields_ = (("fd", ctypes.c_int), ("events", ctypes.c_short), ("revents", ctypes.c_short))
+
+
+class HeldPoll:
+    """``poll(2)`` on one socket, called without letting go of the GIL.
+
+    ``select.poll().poll(0)`` lets go of the GIL for a call that never blocks.  Under load
+    another thread then takes the GIL, and the borrower, holding the connection it just
+    took, waits to get it back: a context switch per borrow, and a connection idle
+    meanwhile (measured in docs/benchmarks.md).  This is the same system call with the same
+    answer, through ctypes' ``PyDLL``, which keeps the GIL: a zero timeout never blocks.
+    """
+
+    __slots__ = ("_call", "_pollfd")
+
+    def __init__(self, fd: int, call: Callable[..., int]) -> None:
+        self._call = call
+        self._pollfd = ctypes.pointer(_PollFd(fd, select.POLLIN, 0))
+
+    def poll(self, timeout: int, /) -> int:
+        """How many descriptors have an event (0 or 1); -1 (truthy: check it with a query)
+        on an error.  ``timeout`` must be 0: the call holds the GIL."""
+        if timeout != 0:
+            raise ValueError("HeldPoll only polls with a zero timeout")
+        return self._call(self._pollfd, 1, 0)
+
+
+def _held_poll() -> Callable[..., int] | None:
+    """libc's poll() as a ctypes function that keeps the GIL, or None (then select.poll)."""
+    try:
+        function = ctypes.PyDLL(None).poll
+    except (AttributeError, OSError):
+        return None
+    function.argtypes = (ctypes.POINTER(_PollFd), ctypes.c_ulong, ctypes.c_int)
+    function.restype = ctypes.c_int
+    return function
+
+
+_libc_poll = _held_poll()
