@@ -211,14 +211,32 @@ class TrackedConnection(psycopg.Connection[Any]):
             self.herokupool_forgot = True
 
     def cursor(self, *args: Any, **kwargs: Any) -> Any:
-        return self.adopt(super().cursor(*args, **kwargs))
+        if args or kwargs:
+            return self.adopt(super().cursor(*args, **kwargs))
+        # What psycopg's cursor() does when called without arguments (Django's cursors,
+        # conn.execute()), with the tracking subclass of the cursor factory built directly:
+        # switching a made cursor's class costs more than all the tracking does.
+        self._check_connection_ok()
+        factory = self.cursor_factory
+        tracking = _classes.get(factory)
+        if tracking is None:
+            if not isinstance(factory, type):
+                return self.adopt(super().cursor())  # a function: adopt what it makes
+            tracking = _tracking_class(factory)
+        return self._track(tracking(self, row_factory=self.row_factory))
 
     def adopt(self, cursor: Any) -> Any:
         """Make ``cursor`` (made on this connection) one of the loan's: tracked, and
         ended with it.  Returns it."""
         cls = type(cursor)
-        if not issubclass(cls, _Tracking):
-            cursor.__class__ = _tracking_class(cls)
+        tracking = _classes.get(cls)
+        if tracking is None:
+            tracking = _tracking_class(cls)
+        if tracking is not cls:
+            cursor.__class__ = tracking
+        return self._track(cursor)
+
+    def _track(self, cursor: Any) -> Any:
         cursors = self._cursors
         cursors.append(weakref.ref(cursor))
         if len(cursors) > _PRUNE_AT:
@@ -401,6 +419,18 @@ class _Named(_Tracking):
 
 
 def _record(cursor: Any, query: Any) -> None:
+    if type(query) is str:
+        # The ORM sends the same texts over and over: their flags, read once.
+        flags = _flags_of.get(query)
+        if flags is None:
+            flags = session.changes_and_forgets(query)
+            if len(query) <= _FLAGS_LONGEST:
+                if len(_flags_of) >= _FLAGS_KEPT:
+                    _flags_of.clear()
+                _flags_of[query] = flags
+        if flags:
+            cursor._conn.note(flags, query)
+        return
     if isinstance(query, str):  # str subclasses too: Django's SafeString
         text = query
     elif isinstance(query, bytes):
@@ -417,6 +447,16 @@ def _record(cursor: Any, query: Any) -> None:
         cursor._conn.note(flags, text)
 
 
+# Statement text -> its session.changes_and_forgets() flags, for plain str statements of up
+# to _FLAGS_LONGEST characters (a long one is read each time: reading it costs little beside
+# sending it); emptied when it holds _FLAGS_KEPT texts (an application's distinct statements
+# are far fewer; one that builds texts without end reads each, as without this).  At most a
+# few megabytes.
+_flags_of: dict[str, int] = {}
+_FLAGS_KEPT = 1024
+_FLAGS_LONGEST = 4096
+
+
 class _ReleasedConnection:
     """What a cursor's connection is once its loan has ended: closed, as the stock
     engine's connection is after the request."""
@@ -429,16 +469,17 @@ class _ReleasedConnection:
 
 _RELEASED: Any = _ReleasedConnection()
 
-# requested class -> its tracking subclass.  Classes are few (Django's cursors, psycopg's):
-# a dict read per cursor.
+# cursor class -> its tracking subclass (itself for a tracking one).  Classes are few
+# (Django's cursors, psycopg's): a dict read per cursor.
 _classes: dict[type, type] = {}
 
 
 def _tracking_class(factory: type) -> type:
-    cls = _classes.get(factory)
-    if cls is None:
+    if issubclass(factory, _Tracking):
+        cls = factory
+    else:
         mixin = _Named if issubclass(factory, psycopg.ServerCursor) else _Tracking
-        cls = _classes[factory] = type(
-            f"Tracked{factory.__name__}", (mixin, factory), {"__slots__": ()}
-        )
+        cls = type(f"Tracked{factory.__name__}", (mixin, factory), {"__slots__": ()})
+        _classes[cls] = cls
+    _classes[factory] = cls
     return cls

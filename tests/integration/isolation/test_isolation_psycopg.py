@@ -239,6 +239,84 @@ def test_client_side_state_set_on_the_raw_connection_ends_with_its_request(
         assert pid2 == pid1, "restored on the client, the session kept"
 
 
+def _own_cursor_class() -> Any:
+    import psycopg
+
+    class OwnCursor(psycopg.ClientCursor):  # type: ignore[type-arg]
+        made_as: type | None = None
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.made_as = type(self)
+
+    return OwnCursor
+
+
+def _by_class(conn: Any) -> tuple[Any, type]:
+    cls = _own_cursor_class()
+    conn.cursor_factory = cls
+    cursor = conn.cursor()
+    assert cursor.made_as is type(cursor), "built as what it is"
+    cursor.execute("SELECT 1")
+    return cursor, cls
+
+
+def _by_function(conn: Any) -> tuple[Any, type]:
+    import psycopg
+
+    conn.cursor_factory = lambda conn, row_factory=None: psycopg.ClientCursor(
+        conn, row_factory=row_factory
+    )
+    cursor = conn.cursor()
+    cursor.execute("SELECT 1")
+    return cursor, psycopg.ClientCursor
+
+
+def _by_execute(conn: Any) -> tuple[Any, type]:
+    return conn.execute("SELECT 1"), conn.cursor_factory
+
+
+#: name -> how request 1 makes a cursor on the raw connection; returns it and its kind
+MADE_CURSORS: dict[str, Callable[[Any], tuple[Any, type]]] = {
+    "cursor_factory_class": _by_class,
+    "cursor_factory_function": _by_function,
+    "connection_execute": _by_execute,
+}
+
+
+@ONLY_PSYCOPG3
+@pytest.mark.parametrize("made", list(MADE_CURSORS))
+def test_cursors_made_by_the_connection_are_what_was_asked_and_end_with_their_request(
+    register: Callable[..., str], engine: str, made: str
+) -> None:
+    """A cursor the raw connection makes (its ``cursor_factory`` a class of the borrower's,
+    built once, as itself; a function; ``conn.execute()``) is of the kind asked for and
+    works; kept past the request it fails as on a closed connection.  The next request,
+    on the same session, gets Django's own cursors again."""
+    import psycopg
+
+    alias = register()
+    django_factory = in_thread(lambda: request(alias, lambda w: raw(w).cursor_factory))
+
+    def first(wrapper: Any) -> tuple[Any, int]:
+        cursor, kind = MADE_CURSORS[made](raw(wrapper))
+        assert isinstance(cursor, kind)
+        assert cursor.fetchone() == (1,)
+        return cursor, pid_of(wrapper)
+
+    stale, pid1 = in_thread(lambda: request(alias, first))
+    with pytest.raises(psycopg.OperationalError, match="the connection is closed"):
+        stale.execute("SELECT 2")
+
+    def second(wrapper: Any) -> tuple[Any, Any, int]:
+        return raw(wrapper).cursor_factory, one(wrapper, "SELECT 3")[0], pid_of(wrapper)
+
+    factory, three, pid2 = in_thread(lambda: request(alias, second))
+    assert (factory, three) == (django_factory, 3)
+    if is_pooled(engine):
+        assert pid2 == pid1, "the session kept"
+
+
 @ONLY_PSYCOPG3
 def test_handlers_and_notifications_of_a_request_are_not_seen_by_the_next(
     register: Callable[..., str], engine: str
