@@ -329,7 +329,7 @@ class HeldPoll:
         on an error.  ``timeout`` must be 0: the call holds the GIL."""
         if timeout != 0:
             raise ValueError("HeldPoll only polls with a zero timeout")
-        return self._call(self._pollfd, 1, 0)
+        return self._call(self._pollfd, _ONE, _NO_WAIT)
 
 
 def _held_poll() -> Callable[..., int] | None:
@@ -338,9 +338,11 @@ def _held_poll() -> Callable[..., int] | None:
         function = ctypes.PyDLL(None).poll
     except (AttributeError, OSError):
         return None
-    function.argtypes = (ctypes.POINTER(_PollFd), ctypes.c_ulong, ctypes.c_int)
     function.restype = ctypes.c_int
+    # No argtypes: converting through them costs more than the system call.
     return function
 
 
+_ONE = ctypes.c_ulong(1)
+_NO_WAIT = ctypes.c_int(0)
 _libc_poll = _held_poll()

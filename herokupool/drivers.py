@@ -292,17 +292,18 @@ class Psycopg3(Driver):
         )
 
     def untouched(self, conn: Any) -> bool:
-        # Inline: the release fast path.  A closed connection's status is UNKNOWN (libpq),
-        # so it is never found untouched.
+        # Inline, and what psycopg's properties return read without them: the release fast
+        # path.  A closed connection's status is UNKNOWN (libpq), so it is never found
+        # untouched.
         return (
             conn.pgconn.transaction_status == IDLE
             and not conn._num_transactions
             and conn._pipeline is None
             and conn._tpc is None
-            and conn.autocommit
-            and conn.isolation_level is None
-            and conn.read_only is None
-            and conn.deferrable is None
+            and conn._autocommit
+            and conn._isolation_level is None
+            and conn._read_only is None
+            and conn._deferrable is None
         )
 
     def end_transaction(self, conn: Any) -> None:

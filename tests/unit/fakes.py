@@ -216,6 +216,14 @@ class FakePgconn:
         return self._pending.pop(0) if self._pending else None
 
 
+def _stored_as(attribute: str) -> Any:
+    """A property kept in ``attribute``, as psycopg 3 keeps its connection's."""
+    return property(
+        lambda self: getattr(self, attribute, None),
+        lambda self, value: setattr(self, attribute, value),
+    )
+
+
 class FakePsycopg3Connection(FakeConnection):
     """:class:`FakeConnection` with psycopg 3's interface and rules: ``rollback()`` ends
     whatever the server has open (autocommit or not) and is refused inside a
@@ -223,13 +231,19 @@ class FakePsycopg3Connection(FakeConnection):
     ``notices`` are kept; notifications wait in ``_notifies_backlog`` (the same list as
     ``notifies`` here, for the tests)."""
 
+    # psycopg 3 keeps the session characteristics in private attributes behind properties;
+    # the driver adapter reads the attributes.
+    isolation_level = _stored_as("_isolation_level")
+    read_only = _stored_as("_read_only")
+    deferrable = _stored_as("_deferrable")
+
     def __init__(self) -> None:
         import psycopg
 
         self._psycopg = psycopg
         self._autocommit = True
         super().__init__()
-        self.read_only: bool | None = None
+        self.read_only = None
         self._num_transactions = 0
         self._pipeline: object | None = None
         self._tpc: object | None = None
