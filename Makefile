@@ -32,7 +32,7 @@ help:
 	@echo "make format       ruff's fixes and formatting, applied"
 	@echo "make bench        the benchmark against peers"
 	@echo "make bench-quick  a short run of the benchmark"
-	@echo "make bench-instructions  Django connect+close in CPU instructions (valgrind), floor included"
+	@echo "make bench-instructions  connect+close and requests in CPU instructions (valgrind)"
 	@echo "make faults       restarts, killed backends, outage, full server, new password, soak (both drivers)"
 	@echo "make fleet        fleet sizing: 2/8/32 processes vs max_connections 20, direct and via PgBouncer"
 	@echo "make clean        remove .venv, .venv-pg3, tox's environments, build output and tool caches"
@@ -112,9 +112,9 @@ bench-quick:
 	sh bench/venv.sh $(PYTHON)
 	.venv-bench/bin/python -m bench --quick $(BENCH_ARGS)
 
-# Django's connect+close counted in instructions under valgrind's callgrind (bench/instructions.py):
-# the native pool, herokupool and Django's own floor on psycopg 3; the same on a busy machine as on
-# a quiet one. About 5 minutes; needs valgrind.
+# Django's connect+close and two of the bench's requests counted in instructions under valgrind's
+# callgrind (bench/instructions.py): the native pool, herokupool and Django's own floor on psycopg 3;
+# the same on a busy machine as on a quiet one. About 8 minutes; needs valgrind.
 bench-instructions:
 	sh bench/venv.sh $(PYTHON)
 	.venv-bench/bin/python -m bench.instructions $(BENCH_ARGS)

@@ -1,21 +1,30 @@
-"""Django-level connect+close counted in CPU instructions, not timed.
+"""Django-level connection handling and whole requests, counted in CPU instructions.
 
-``python -m bench.instructions`` (``make bench-instructions``; needs valgrind) runs
-``ensure_connection()`` + ``close_if_unusable_or_obsolete()`` under callgrind, twice per
-configuration (``--iterations`` and twice as many, after the same warm-up), and reports the
-difference per iteration: the instructions one request's connection handling executes, the
-same on a busy machine as on a quiet one. The timed figure is in ``make bench`` (its
-``connect+close us`` column); this one does not move with the host.
+``python -m bench.instructions`` (``make bench-instructions``; needs valgrind) runs each
+workload under callgrind, twice per configuration (``--iterations`` and twice as many,
+after the same warm-up), and reports the difference per iteration: the instructions one
+iteration executes, the same on a busy machine as on a quiet one. The workloads:
+
+- ``connect``: ``ensure_connection()`` + ``close_if_unusable_or_obsolete()``, one request's
+  connection handling (the timed figure is ``make bench``'s ``connect+close us`` column);
+- ``item`` and ``prepared``: one request through Django's WSGI handler, as the benchmark's
+  worker sends them (``bench/app/views.py``: one ORM lookup; three ORM queries), request
+  end included (``request_finished``: ``close_old_connections()``).
+
+The cyclic garbage collector is off while counting (after a collection ending the warm-up):
+where a collection falls is not the code's cost, and it would move the difference by more
+than the code changes being measured. ``PYTHONHASHSEED`` is fixed for the same reason.
 
 Configurations, all on psycopg 3: Django's native pool, herokupool, and the *floor*
 (``bench.floor``: Django's own backend handing back one connection kept aside, nothing
-closed): what Django's ``connect()`` and ``close()`` cost when getting a connection costs
-nothing. A pool's own cost is its figure minus the floor's.
+closed): what Django costs when getting a connection costs nothing. A pool's own cost is its
+figure minus the floor's.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import re
@@ -23,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +58,11 @@ def spec(name: str, target: Target) -> dict[str, Any]:
     return config.spec(target, size=4, timeout=10.0)
 
 
-def child(iterations: int) -> None:
+#: workload -> the path prefix of its request (None: connect+close alone)
+WORKLOADS: dict[str, str | None] = {"connect": None, "item": "/item/", "prepared": "/prepared/"}
+
+
+def child(workload: str, iterations: int) -> None:
     """Run in the measured process: the warm-up, then ``iterations``."""
     from bench import bootstrap
 
@@ -58,20 +72,45 @@ def child(iterations: int) -> None:
     django.setup()
     from django.db import connection
 
-    end_request = connection.close_if_unusable_or_obsolete
+    prefix = WORKLOADS[workload]
+    if prefix is None:
+        end_request = connection.close_if_unusable_or_obsolete
+
+        def once(_: int) -> None:
+            connection.ensure_connection()
+            end_request()
+
+    else:
+        from bench.worker import ROWS, Driver
+
+        request = Driver().request
+
+        def once(index: int) -> None:
+            error = request(f"{prefix}{index % ROWS + 1}/")
+            if error is not None:
+                raise RuntimeError(error)
+
     # The warm-up is counted too, in both runs alike: the difference leaves it out.
-    for _ in range(WARM_UP + iterations):
-        connection.ensure_connection()
-        end_request()
+    for index in range(WARM_UP):
+        once(index)
+    gc.collect()
+    gc.disable()
+    for index in range(iterations):
+        once(index)
 
 
-def count(name: str, target: Target, iterations: int, valgrind: str) -> int:
+def count(name: str, target: Target, workload: str, iterations: int, valgrind: str) -> int:
     """Instructions of a whole process doing ``iterations`` (callgrind's total)."""
-    env = {**os.environ, "BENCH_CONFIG": json.dumps(spec(name, target)), "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "BENCH_CONFIG": json.dumps(spec(name, target)),
+        "PYTHONPATH": str(ROOT),
+        "PYTHONHASHSEED": "0",
+    }
     with tempfile.TemporaryDirectory() as scratch:
         done = subprocess.run(
             [valgrind, "--tool=callgrind", f"--callgrind-out-file={scratch}/out",
-             sys.executable, "-m", "bench.instructions", "--child", str(iterations)],
+             sys.executable, "-m", "bench.instructions", "--child", workload, str(iterations)],
             cwd=ROOT, env=env, capture_output=True, text=True, check=False,
         )  # fmt: skip
     found = _COLLECTED.search(done.stderr)
@@ -80,11 +119,28 @@ def count(name: str, target: Target, iterations: int, valgrind: str) -> int:
     return int(found.group(1))
 
 
+def per_iteration(
+    name: str, target: Target, workload: str, iterations: int, valgrind: str
+) -> float:
+    """Instructions per iteration of ``workload``: the two runs side by side."""
+    with ThreadPoolExecutor(2) as runs:
+        small, large = runs.map(
+            lambda n: count(name, target, workload, n, valgrind), (iterations, 2 * iterations)
+        )
+    return (large - small) / iterations
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.instructions", description=__doc__)
-    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--iterations", type=int, default=2000)
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--iterations", type=int, default=1000, help="connect+close iterations (default 1000)"
+    )
+    parser.add_argument(
+        "--requests", type=int, default=300, help="requests per request workload (default 300)"
+    )
     parser.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS))
+    parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
     parser.add_argument(
         "--database-url",
         default=os.environ.get("BENCH_DATABASE_URL"),
@@ -92,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.child is not None:
-        child(args.child)
+        child(args.child[0], int(args.child[1]))
         return 0
     valgrind = shutil.which("valgrind")
     if valgrind is None:
@@ -104,25 +160,37 @@ def main(argv: list[str] | None = None) -> int:
 
     target = target_from_url(args.database_url or DEFAULT_URL)
     prepare_database(target)
-    per_op: dict[str, float] = {}
-    for name in args.configs:
-        small = count(name, target, args.iterations, valgrind)
-        large = count(name, target, 2 * args.iterations, valgrind)
-        per_op[name] = (large - small) / args.iterations
-        print(f"[instructions] {name}: {per_op[name] / 1000:.1f} k", file=sys.stderr, flush=True)
-    base = per_op.get("django-pool")
-    print("| configuration | k instructions per connect+close | x native pool |")
-    print("|---|---|---|")
-    for name, value in per_op.items():
-        ratio = f"{value / base:.2f}x" if base else "-"
-        print(f"| {name} | {value / 1000:.1f} | {ratio} |")
-    if base and FLOOR in per_op:
-        room = 0.8 * base - per_op[FLOOR]
-        print(
-            f"\nThe floor is {per_op[FLOOR] / base:.2f}x the native pool: a pool at 0.8x has "
-            f"{room / 1000:.1f} k instructions for everything beyond Django's own connect+close."
-        )
+    counted: dict[str, dict[str, float]] = {}
+    for workload in args.workloads:
+        iterations = args.iterations if WORKLOADS[workload] is None else args.requests
+        for name in args.configs:
+            value = per_iteration(name, target, workload, iterations, valgrind)
+            counted.setdefault(name, {})[workload] = value
+            print(f"[instructions] {workload} {name}: {value / 1000:.1f} k", file=sys.stderr)
+    print(report(counted, args.workloads))
     return 0
+
+
+def report(counted: dict[str, dict[str, float]], workloads: list[str]) -> str:
+    """The markdown table: k instructions per iteration, and the ratio to the native pool."""
+    base = counted.get("django-pool", {})
+    header = " | ".join(f"{w} k instr. | {w} x native" for w in workloads)
+    lines = [f"| configuration | {header} |", "|---" * (1 + 2 * len(workloads)) + "|"]
+    for name, values in counted.items():
+        cells = []
+        for workload in workloads:
+            value = values[workload]
+            ratio = f"{value / base[workload]:.3f}x" if base.get(workload) else "-"
+            cells.append(f"{value / 1000:.1f} | {ratio}")
+        lines.append(f"| {name} | {' | '.join(cells)} |")
+    floor, native = counted.get(FLOOR, {}).get("connect"), base.get("connect")
+    if floor and native:
+        lines.append(
+            f"\nThe floor's connect+close is {floor / native:.2f}x the native pool's: a pool at "
+            f"0.8x has {(0.8 * native - floor) / 1000:.1f} k instructions for everything beyond "
+            "Django's own connect+close."
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
