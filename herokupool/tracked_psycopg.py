@@ -218,7 +218,10 @@ class TrackedConnection(psycopg.Connection[Any]):
         # switching a made cursor's class costs more than all the tracking does.
         self._check_connection_ok()
         factory = self.cursor_factory
-        tracking = _classes.get(factory)
+        try:
+            tracking = _classes.get(factory)
+        except TypeError:  # unhashable: not a class
+            tracking = None
         if tracking is None:
             if not isinstance(factory, type):
                 return self.adopt(super().cursor())  # a function: adopt what it makes

@@ -272,6 +272,27 @@ def _by_function(conn: Any) -> tuple[Any, type]:
     return cursor, psycopg.ClientCursor
 
 
+class _Factory:
+    """A callable object as ``cursor_factory``, unhashable (``__eq__`` without ``__hash__``)."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Factory)
+
+    def __call__(self, conn: Any, row_factory: Any = None) -> Any:
+        import psycopg
+
+        return psycopg.ClientCursor(conn, row_factory=row_factory)
+
+
+def _by_callable_object(conn: Any) -> tuple[Any, type]:
+    import psycopg
+
+    conn.cursor_factory = _Factory()
+    cursor = conn.cursor()
+    cursor.execute("SELECT 1")
+    return cursor, psycopg.ClientCursor
+
+
 def _by_execute(conn: Any) -> tuple[Any, type]:
     return conn.execute("SELECT 1"), conn.cursor_factory
 
@@ -280,6 +301,7 @@ def _by_execute(conn: Any) -> tuple[Any, type]:
 MADE_CURSORS: dict[str, Callable[[Any], tuple[Any, type]]] = {
     "cursor_factory_class": _by_class,
     "cursor_factory_function": _by_function,
+    "cursor_factory_unhashable_object": _by_callable_object,
     "connection_execute": _by_execute,
 }
 
@@ -290,9 +312,9 @@ def test_cursors_made_by_the_connection_are_what_was_asked_and_end_with_their_re
     register: Callable[..., str], engine: str, made: str
 ) -> None:
     """A cursor the raw connection makes (its ``cursor_factory`` a class of the borrower's,
-    built once, as itself; a function; ``conn.execute()``) is of the kind asked for and
-    works; kept past the request it fails as on a closed connection.  The next request,
-    on the same session, gets Django's own cursors again."""
+    built once, as itself; a function; an unhashable callable object; ``conn.execute()``)
+    is of the kind asked for and works; kept past the request it fails as on a closed
+    connection.  The next request, on the same session, gets Django's own cursors again."""
     import psycopg
 
     alias = register()
