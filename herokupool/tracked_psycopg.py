@@ -232,9 +232,7 @@ class TrackedConnection(psycopg.Connection[Any]):
         """Make ``cursor`` (made on this connection) one of the loan's: tracked, and
         ended with it.  Returns it."""
         cls = type(cursor)
-        tracking = _classes.get(cls)
-        if tracking is None:
-            tracking = _tracking_class(cls)
+        tracking = _tracking_class(cls)
         if tracking is not cls:
             cursor.__class__ = tracking
         return self._track(cursor)
@@ -473,11 +471,15 @@ class _ReleasedConnection:
 _RELEASED: Any = _ReleasedConnection()
 
 # cursor class -> its tracking subclass (itself for a tracking one).  Classes are few
-# (Django's cursors, psycopg's): a dict read per cursor.
+# (Django's cursors, psycopg's): a dict read per cursor (TrackedConnection.cursor() reads it
+# inline, the hot path, and calls _tracking_class() on a miss).
 _classes: dict[type, type] = {}
 
 
 def _tracking_class(factory: type) -> type:
+    cls = _classes.get(factory)
+    if cls is not None:
+        return cls
     if issubclass(factory, _Tracking):
         cls = factory
     else:
