@@ -1,9 +1,10 @@
 """Django-level connection handling and whole requests, counted in CPU instructions.
 
 ``python -m bench.instructions`` (``make bench-instructions``; needs valgrind) runs each
-workload under callgrind, twice per configuration (``--iterations`` and twice as many,
-after the same warm-up), and reports the difference per iteration: the instructions one
-iteration executes, the same on a busy machine as on a quiet one. The workloads:
+workload under callgrind, twice per configuration (``--iterations`` connect+close, or
+``--requests`` requests, and twice as many, after the same warm-up), and reports the
+difference per iteration: the instructions one iteration executes, the same on a busy
+machine as on a quiet one. The workloads:
 
 - ``connect``: ``ensure_connection()`` + ``close_if_unusable_or_obsolete()``, one request's
   connection handling (the timed figure is ``make bench``'s ``connect+close us`` column);
