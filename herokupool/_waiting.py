@@ -100,15 +100,18 @@ class WaitingLine:
                 self._refs.remove(ref)
                 return
 
-    def next(self) -> Waiter | None:
+    def next(self) -> tuple[Waiter, weakref.ReferenceType[Waiter]] | tuple[None, None]:
         """Take the oldest waiter still there and pending out of the line (the caller then
-        serves it with :meth:`Waiter.set`), or None when nobody waits."""
+        serves it with :meth:`Waiter.set`), with the weak reference the line held it by (the
+        owner reference of what it is served: same callback); (None, None) when nobody
+        waits."""
         refs = self._refs
         while refs:
-            waiter = refs.popleft()()
+            ref = refs.popleft()
+            waiter = ref()
             if waiter is not None and waiter.outcome is Outcome.PENDING:
-                return waiter
-        return None
+                return waiter, ref
+        return None, None
 
     def prune(self) -> int:
         """Drop waiters that are gone or no longer pending; how many."""

@@ -118,9 +118,10 @@ class _Slot:
 class WaitWindow:
     """Borrow waits, timeouts and peaks over the last ``window`` seconds.
 
-    ``note_in_use`` runs on every borrow, so it takes no lock and does two comparisons and an
-    increment; everything else runs after a borrower already waited (or when stats are read)
-    and takes the window's own lock, never the pool's.  The window advances in ``window /
+    ``note_in_use`` runs on every borrow and ``note_waiting`` on every wait, so they take no
+    lock and do two comparisons and an increment at most; everything else runs after a
+    borrower already waited (or when stats are read) and takes the window's own lock, never
+    the pool's.  The window advances in ``window /
     slots`` steps: a snapshot covers the last ``window`` seconds and at most one step more.
     """
 
@@ -143,10 +144,11 @@ class WaitWindow:
         self._lock = threading.Lock()
         self._done: deque[_Slot] = deque(maxlen=slots)
         self._current = _Slot(float("-inf"))
-        # The current slot's end, and its two fields the lock-free path writes.
+        # The current slot's end, and its three fields the lock-free paths write.
         self._until = float("-inf")
         self._borrows = 0
         self._peak_in_use = 0
+        self._peak_waiting = 0
 
     # ----------------------------------------------------------------- recording
 
@@ -166,10 +168,13 @@ class WaitWindow:
             self._peak_in_use = in_use
 
     def note_waiting(self, waiting: int, now: float) -> None:
-        """A borrower joined the queue, which is now ``waiting`` long."""
-        with self._lock:
-            current = self._advance(now)
-            current.peak_waiting = max(current.peak_waiting, waiting)
+        """A borrower joined the queue, which is now ``waiting`` long.  Lock-free, as
+        :meth:`note_in_use` is."""
+        if now >= self._until:
+            with self._lock:
+                self._advance(now)
+        if waiting > self._peak_waiting:
+            self._peak_waiting = waiting
 
     def record_wait(self, waited: float, now: float) -> None:
         """A borrower that queued was served after ``waited`` seconds."""
@@ -213,14 +218,21 @@ class WaitWindow:
             return self._current
         current = self._current
         if current.start != float("-inf"):
-            current.borrows, current.peak_in_use = self._borrows, self._peak_in_use
+            self._settle(current)
             self._done.append(current)
         start = math.floor(now / self._step) * self._step
         self._current = _Slot(start)
         self._borrows = 0
         self._peak_in_use = 0
+        self._peak_waiting = 0
         self._until = start + self._step
         return self._current
+
+    def _settle(self, current: _Slot) -> None:
+        """Copy the lock-free fields into the current slot.  With the window's lock held."""
+        current.borrows = self._borrows
+        current.peak_in_use = self._peak_in_use
+        current.peak_waiting = self._peak_waiting
 
     # ------------------------------------------------------------------ reading
 
@@ -233,7 +245,7 @@ class WaitWindow:
         """
         with self._lock:
             current = self._advance(now)
-            current.borrows, current.peak_in_use = self._borrows, self._peak_in_use
+            self._settle(current)
             oldest = now - self.window
             slots = [slot for slot in self._done if slot.start + self._step > oldest]
             slots.append(current)

@@ -294,14 +294,7 @@ class ConnectionPool:
                 # is lent in one step.
                 entry = idle[-1]
                 now = self._clock()
-                poller = entry.poller
-                if (
-                    now < entry.expires_at
-                    and not self.test_on_borrow
-                    and (self.validate_after is None or now - entry.last_used < self.validate_after)
-                    and poller is not None
-                    and not entry.suspect
-                ):
+                if self._lendable_as_is(entry, now):
                     conn = entries.lend_top(now, get_ident())
                     in_use = entries.counts[_LENT]
         if conn is None:
@@ -310,7 +303,7 @@ class ConnectionPool:
         # go of the GIL, and a lock held meanwhile would queue every other borrower and
         # releaser behind a thread waiting for the GIL back.
         try:
-            readable = poller.poll(0)  # type: ignore[union-attr]  # not None, checked above
+            readable = entry.poller.poll(0)  # type: ignore[union-attr]  # not None: checked
         except BaseException:
             self._take_back(entry, conn)  # interrupted: back in the pool, untouched
             raise
@@ -322,6 +315,17 @@ class ConnectionPool:
         if self.leak_threshold is not None:
             entry.stack = traceback.format_stack()[:-1]
         return conn
+
+    def _lendable_as_is(self, entry: Entry, now: float) -> bool:
+        """True when ``entry`` may be lent without a query, once a poll of its socket finds
+        nothing: not expired, used within ``validate_after``, nothing read from it meanwhile."""
+        return (
+            now < entry.expires_at
+            and not self.test_on_borrow
+            and (self.validate_after is None or now - entry.last_used < self.validate_after)
+            and entry.poller is not None
+            and not entry.suspect
+        )
 
     def _take_back(self, entry: Entry, conn: Any) -> None:
         """The fast path lent ``entry``, then found its socket readable or was interrupted
@@ -351,7 +355,12 @@ class ConnectionPool:
                     started = self._clock()
                     self._window.note_waiting(len(self._line), started)
                     waiter.wait(timeout)
-                    entry = self._resolve(waiter, started)
+                    entry, conn = self._resolve(waiter, started)
+                    if conn is not None:  # handed over and lent in one step
+                        if self._lent_unread(entry, conn, started):
+                            return conn
+                        keep_turn = True  # something to read: checked with a query next
+                        continue
                 if entry.state is _OPENING:
                     return self._open(entry, started)
                 problem = self._check(entry, started, timeout)
@@ -400,9 +409,13 @@ class ConnectionPool:
         self._window.record_shed(self._clock())
         raise PoolOverloaded(overloaded)
 
-    def _resolve(self, waiter: Waiter, started: float) -> Entry:
-        """What a queued borrower got once woken (or timed out)."""
+    def _resolve(self, waiter: Waiter, started: float) -> tuple[Entry, Any]:
+        """What a queued borrower got once woken (or timed out): an entry to check (RESERVED)
+        or open (OPENING) and None, or, for a connection handed over that the fast path
+        would lend as it is, the entry LENT and its connection (poll it: ``_lent_unread``).
+        """
         message = None
+        conn = None
         with self._lock:
             now = self._clock()
             self._wait_time += now - started
@@ -415,14 +428,39 @@ class ConnectionPool:
             elif waiter.outcome is Outcome.SERVED:
                 entry: Entry = waiter.entry
                 if entry.state is _HANDED and entry.owner is not None and entry.owner() is waiter:
-                    self._entries.move(entry, _RESERVED, entry.owner, now)
+                    # Handed over clean by a release just now: lent in this step when the
+                    # fast path would lend it, polled by the caller as the fast path does.
+                    if self._lendable_as_is(entry, now) and not self._closed:
+                        conn = self._entries.lend(entry, now, get_ident())
+                    else:
+                        self._entries.move(entry, _RESERVED, entry.owner, now)
             elif waiter.outcome is Outcome.SLOT:
                 entry = waiter.entry
         if message is not None:
             raise PoolTimeout(message) from cause
         if waiter.outcome is Outcome.CLOSED:
             raise PoolClosed(f"pool {self.name!r} was closed while waiting for a connection")
-        return entry
+        return entry, conn
+
+    def _lent_unread(self, entry: Entry, conn: Any, started: float) -> bool:
+        """Poll a connection ``_resolve`` lent without a query, as the fast path does: True
+        when nothing was read from or waits on its socket; else it is IDLE again, marked for
+        a query (the caller claims it back in the same turn)."""
+        try:
+            readable = entry.poller.poll(0)  # type: ignore[union-attr]  # not None: _resolve
+        except BaseException:
+            self._take_back(entry, conn)  # interrupted: back in the pool, untouched
+            raise
+        if readable:
+            self._take_back(entry, conn)
+            return False
+        now = entry.borrowed_at
+        self._window.record_wait(now - started, now)
+        # Read without the lock, as note_in_use itself is: a peak, not a count.
+        self._window.note_in_use(self._entries.counts[_LENT], now)
+        if self.leak_threshold is not None:
+            entry.stack = traceback.format_stack()[:-3]
+        return True
 
     def _check(self, entry: Entry, started: float | None, timeout: float) -> str | None:
         """Why a RESERVED ``entry`` may not be lent, or None when it is healthy.  A validation
@@ -610,12 +648,12 @@ class ConnectionPool:
     def _hand_on(self, entry: Entry, conn: Any, now: float, *, bottom: bool = False) -> None:
         """Give a clean connection to the oldest waiter, else to the idle stack.  Must be
         called with the lock held."""
-        waiter = self._line.next()
+        waiter, ref = self._line.next()
         if waiter is None:
             self._entries.shelve(entry, conn, bottom=bottom)
             return
         entry.conn = conn
-        self._entries.move(entry, _HANDED, weakref.ref(waiter, self._on_lost), now)
+        self._entries.move(entry, _HANDED, ref, now)
         waiter.set(Outcome.SERVED, entry)  # last: the waiter finds the entry HANDED to it
 
     def _wake_for_slot(self, *, refill: bool = True) -> None:
@@ -629,10 +667,10 @@ class ConnectionPool:
             return
         entries = self._entries
         while len(entries) < self.max_conns:
-            waiter = self._line.next()
+            waiter, ref = self._line.next()
             if waiter is None:
                 break
-            entry = Entry(self._clock(), weakref.ref(waiter, self._on_lost))
+            entry = Entry(self._clock(), ref)
             entries.add(entry)
             waiter.set(Outcome.SLOT, entry)
         if refill and len(entries) < self.min_conns:

@@ -348,6 +348,75 @@ def test_a_waiter_handed_a_dead_connection_keeps_its_turn() -> None:
     assert_exact(pool)
 
 
+@pytest.mark.parametrize("meanwhile", ["killed", "notified", "interrupted"])
+def test_a_connection_handed_to_a_waiter_is_polled_before_it_is_lent(
+    monkeypatch: pytest.MonkeyPatch, meanwhile: str
+) -> None:
+    """A waiter lends a connection handed over by a release in one step, without the query
+    a check would send, after the same zero-timeout poll the fast path makes: what reached
+    the socket between the hand-over and the waiter waking up (a terminated backend, a
+    notification) gets it checked with a query first, in the same turn; an exception landing
+    in that poll leaves it in the pool, untouched."""
+    driver = FakeDriver()
+    pool = make_pool(driver, max_conns=1, timeout=5)
+    held = pool.borrow()
+    handed: list[Any] = []
+    wait = Waiter.wait
+
+    def woken(waiter: Waiter, timeout: float) -> None:
+        wait(waiter, timeout)
+        conn = waiter.entry.conn
+        handed.append(conn)
+        if meanwhile == "killed":
+            conn.kill()
+        elif meanwhile == "notified":
+            conn.notify()
+        else:
+            entry = waiter.entry
+            poller = entry.poller
+
+            class Interrupting:
+                def poll(self, timeout: float) -> Any:
+                    entry.poller = poller  # once
+                    raise Interrupted
+
+            entry.poller = Interrupting()
+
+    monkeypatch.setattr(Waiter, "wait", woken)
+    got: list[Any] = []
+
+    def borrower() -> None:
+        try:
+            got.append(pool.borrow())
+        except Interrupted as error:
+            got.append(error)
+
+    thread = threading.Thread(target=borrower)
+    thread.start()
+    assert wait_until(lambda: pool.stats()["waiting"] == 1)
+    pool.release(held)
+    thread.join(timeout=5)
+    assert handed == [held], "the release handed its connection to the waiter"
+    stats = assert_exact(pool)
+    if meanwhile == "killed":
+        assert got[0] is not held, "a dead connection was lent"
+        assert held.closed
+        assert stats["connections_lost"] == 1, stats
+    elif meanwhile == "notified":
+        assert got[0] is held
+        assert held.executed == ["SELECT 1"], "lent without the check a readable socket needs"
+        assert stats["validations"] == 1, stats
+    else:
+        assert isinstance(got[0], Interrupted)
+        assert (stats["in_use"], stats["idle"]) == (0, 1), stats
+        monkeypatch.setattr(Waiter, "wait", wait)
+        assert pool.borrow(timeout=0.1) is held, "the same connection, not a new one"
+        assert held.executed == ["SELECT 1"], "checked before it was lent again"
+        got[0] = held
+    pool.release(got[0])
+    assert_exact(pool)
+
+
 def test_an_expired_connection_is_replaced_in_the_same_turn() -> None:
     driver = FakeDriver()
     clock = FakeClock()
