@@ -299,16 +299,7 @@ class ConnectionPool:
                     in_use = entries.counts[_LENT]
         if conn is None:
             return self._borrow_slowly(self.timeout if timeout is None else timeout)
-        # Nothing read from or waiting on its socket, polled outside the lock: poll() lets
-        # go of the GIL, and a lock held meanwhile would queue every other borrower and
-        # releaser behind a thread waiting for the GIL back.
-        try:
-            readable = entry.poller.poll(0)  # type: ignore[union-attr]  # not None: checked
-        except BaseException:
-            self._take_back(entry, conn)  # interrupted: back in the pool, untouched
-            raise
-        if readable:
-            self._take_back(entry, conn)
+        if not self._unread(entry, conn):
             return self._borrow_slowly(self.timeout if timeout is None else timeout)
         # Outside the lock: note_in_use is lock-free (see herokupool.metrics).
         self._window.note_in_use(in_use, now)
@@ -357,7 +348,13 @@ class ConnectionPool:
                     waiter.wait(timeout)
                     entry, conn = self._resolve(waiter, started)
                     if conn is not None:  # handed over and lent in one step
-                        if self._lent_unread(entry, conn, started):
+                        if self._unread(entry, conn):
+                            now = entry.borrowed_at
+                            self._window.record_wait(now - started, now)
+                            # Read without the lock, as note_in_use itself is: a peak.
+                            self._window.note_in_use(self._entries.counts[_LENT], now)
+                            if self.leak_threshold is not None:
+                                entry.stack = traceback.format_stack()[:-2]
                             return conn
                         keep_turn = True  # something to read: checked with a query next
                         continue
@@ -412,7 +409,7 @@ class ConnectionPool:
     def _resolve(self, waiter: Waiter, started: float) -> tuple[Entry, Any]:
         """What a queued borrower got once woken (or timed out): an entry to check (RESERVED)
         or open (OPENING) and None, or, for a connection handed over that the fast path
-        would lend as it is, the entry LENT and its connection (poll it: ``_lent_unread``).
+        would lend as it is, the entry LENT and its connection (poll it: ``_unread``).
         """
         message = None
         conn = None
@@ -442,24 +439,23 @@ class ConnectionPool:
             raise PoolClosed(f"pool {self.name!r} was closed while waiting for a connection")
         return entry, conn
 
-    def _lent_unread(self, entry: Entry, conn: Any, started: float) -> bool:
-        """Poll a connection ``_resolve`` lent without a query, as the fast path does: True
-        when nothing was read from or waits on its socket; else it is IDLE again, marked for
-        a query (the caller claims it back in the same turn)."""
+    def _unread(self, entry: Entry, conn: Any) -> bool:
+        """Poll the socket of a connection just lent without a query (by the fast path, or
+        to a waiter it was handed to): True when nothing was read from or waits on it; else
+        it is IDLE again, marked for whoever takes it next to check with a query.
+
+        Outside the lock: ``select.poll`` (where ctypes' is missing) lets go of the GIL, and
+        a lock held meanwhile would queue every other borrower and releaser behind a thread
+        waiting for the GIL back.
+        """
         try:
-            readable = entry.poller.poll(0)  # type: ignore[union-attr]  # not None: _resolve
+            readable = entry.poller.poll(0)  # type: ignore[union-attr]  # checked: not None
         except BaseException:
             self._take_back(entry, conn)  # interrupted: back in the pool, untouched
             raise
         if readable:
             self._take_back(entry, conn)
             return False
-        now = entry.borrowed_at
-        self._window.record_wait(now - started, now)
-        # Read without the lock, as note_in_use itself is: a peak, not a count.
-        self._window.note_in_use(self._entries.counts[_LENT], now)
-        if self.leak_threshold is not None:
-            entry.stack = traceback.format_stack()[:-3]
         return True
 
     def _check(self, entry: Entry, started: float | None, timeout: float) -> str | None:

@@ -545,6 +545,41 @@ def test_a_long_borrow_is_reported_once_with_the_borrowers_stack(
     assert pool.stats()["leaks"] == 1
 
 
+@pytest.mark.parametrize("path", ["idle", "opened", "handed over", "checked"])
+def test_a_leak_report_ends_with_the_borrowers_frame_on_every_path(
+    caplog: pytest.LogCaptureFixture, path: str
+) -> None:
+    """The stack a leak report shows is the borrower's, down to its own call of borrow():
+    none of the pool's frames, whichever way the connection came."""
+    clock = FakeClock()
+    pool = make_pool(name="db", leak_threshold=5.0, max_conns=1, clock=clock, timeout=5)
+    if path in ("idle", "checked"):
+        pool.release(pool.borrow())
+        if path == "checked":
+            pool.test_on_borrow = True
+    got: list[object] = []
+
+    def forgetful_task() -> None:
+        got.append(pool.borrow())
+
+    if path == "handed over":
+        held = pool.borrow()
+        thread = threading.Thread(target=forgetful_task)
+        thread.start()
+        assert wait_until(lambda: pool.stats()["waiting"] == 1)
+        pool.release(held)
+        thread.join(timeout=5)
+    else:
+        forgetful_task()
+    clock.advance(6)
+    with caplog.at_level(logging.WARNING, logger="herokupool.pool"):
+        pool.run_maintenance()
+    [leak] = [r.getMessage() for r in caplog.records if "borrowed for" in r.getMessage()]
+    frames = [line for line in leak.splitlines() if line.strip().startswith("File ")]
+    assert "forgetful_task" in frames[-1], leak
+    assert not [f for f in frames if "herokupool" in f and "pool.py" in f], leak
+
+
 # ------------------------------------------------------------------------- stats
 
 

@@ -35,6 +35,19 @@ def assert_exact(pool: ConnectionPool) -> dict[str, int | float]:
     return stats
 
 
+def interrupt_next_poll(entry: Any, error: type[BaseException]) -> None:
+    """The next poll of ``entry``'s socket raises ``error`` (a signal handler's exception
+    landing in it); the ones after poll again."""
+    poller = entry.poller
+
+    class Interrupting:
+        def poll(self, timeout: float) -> Any:
+            entry.poller = poller  # once
+            raise error
+
+    entry.poller = Interrupting()
+
+
 # ------------------------------------------------------- interruptions lose nothing
 
 
@@ -372,15 +385,7 @@ def test_a_connection_handed_to_a_waiter_is_polled_before_it_is_lent(
         elif meanwhile == "notified":
             conn.notify()
         else:
-            entry = waiter.entry
-            poller = entry.poller
-
-            class Interrupting:
-                def poll(self, timeout: float) -> Any:
-                    entry.poller = poller  # once
-                    raise Interrupted
-
-            entry.poller = Interrupting()
+            interrupt_next_poll(waiter.entry, Interrupted)
 
     monkeypatch.setattr(Waiter, "wait", woken)
     got: list[Any] = []
@@ -541,15 +546,7 @@ def test_an_interruption_in_the_fast_paths_poll_keeps_the_connection() -> None:
     pool = make_pool(max_conns=1)
     conn = pool.borrow()
     pool.release(conn)
-    entry = pool._entries.idle[-1]
-    poller = entry.poller
-
-    class Interrupting:
-        def poll(self, timeout: float) -> Any:
-            entry.poller = poller  # once
-            raise SoftTimeLimit
-
-    entry.poller = Interrupting()
+    interrupt_next_poll(pool._entries.idle[-1], SoftTimeLimit)
     with pytest.raises(SoftTimeLimit):
         pool.borrow()
     stats = assert_exact(pool)
