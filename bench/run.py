@@ -570,6 +570,9 @@ def main(argv: list[str] | None = None) -> int:
     markdown = report.render(results)
     (out / "results.md").write_text(markdown)
     print(markdown)
+    if not results.get("inprocess"):
+        log("no plot: the in-process phase, which it draws, was skipped")
+        return 0
     try:
         from bench import plot
 
