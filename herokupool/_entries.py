@@ -187,10 +187,21 @@ class Entries:
         self.lent[entry.key] = entry
         return conn
 
-    def take_back(self, entry: Entry, conn: Any) -> None:
-        """Undo :meth:`lend_top` of a connection the borrower did not get (its socket was
-        readable, or the poll was interrupted): IDLE on top again, not counted as a borrow."""
-        self.shelve(entry, conn)
+    def take_back(
+        self,
+        entry: Entry,
+        conn: Any,
+        owner: weakref.ReferenceType[Any] | None = None,
+        now: float = 0.0,
+    ) -> None:
+        """Undo :meth:`lend_top` or :meth:`lend` of a connection the borrower did not get
+        (its socket was readable, or the poll was interrupted), not counted as a borrow:
+        IDLE on top again, or, with an ``owner``, RESERVED for it to check."""
+        if owner is None:
+            self.shelve(entry, conn)
+        else:
+            self.move(entry, State.RESERVED, owner, now)
+            entry.conn = conn
         self.borrows -= 1
 
     def give_back(self, entry: Entry, conn: Any, now: float) -> None:

@@ -318,14 +318,19 @@ class ConnectionPool:
             and not entry.suspect
         )
 
-    def _take_back(self, entry: Entry, conn: Any) -> None:
-        """The fast path lent ``entry``, then found its socket readable or was interrupted
-        polling it: IDLE again, marked for whoever takes it next to check with a query
-        (closed, if the pool closed meanwhile)."""
+    def _take_back(self, entry: Entry, conn: Any, waiter: Waiter | None = None) -> None:
+        """``entry`` was lent without a query, then its socket was found readable or the poll
+        was interrupted: IDLE again, marked for whoever takes it next to check with a query,
+        or RESERVED for ``waiter`` to check in its turn (closed, if the pool closed
+        meanwhile)."""
         with self._lock:
             if not self._closed:
-                self._entries.take_back(entry, conn)
-                entry.suspect = True
+                if waiter is None:
+                    self._entries.take_back(entry, conn)
+                    entry.suspect = True
+                else:
+                    owner = weakref.ref(waiter, self._on_lost)
+                    self._entries.take_back(entry, conn, owner, self._clock())
                 return
         self._end_loan(entry, conn, CONNECTIONS_CLOSED, "taken back into a closed pool")
 
@@ -347,17 +352,16 @@ class ConnectionPool:
                     self._window.note_waiting(len(self._line), started)
                     waiter.wait(timeout)
                     entry, conn = self._resolve(waiter, started)
-                    if conn is not None:  # handed over and lent in one step
-                        if self._unread(entry, conn):
-                            now = entry.borrowed_at
-                            self._window.record_wait(now - started, now)
-                            # Read without the lock, as note_in_use itself is: a peak.
-                            self._window.note_in_use(self._entries.counts[_LENT], now)
-                            if self.leak_threshold is not None:
-                                entry.stack = traceback.format_stack()[:-2]
-                            return conn
-                        keep_turn = True  # something to read: checked with a query next
-                        continue
+                    # Handed over and lent in one step; or, something to read on its
+                    # socket, RESERVED for this borrow again and checked below.
+                    if conn is not None and self._unread(entry, conn, waiter):
+                        now = entry.borrowed_at
+                        self._window.record_wait(now - started, now)
+                        # Read without the lock, as note_in_use itself is: a peak.
+                        self._window.note_in_use(self._entries.counts[_LENT], now)
+                        if self.leak_threshold is not None:
+                            entry.stack = traceback.format_stack()[:-2]
+                        return conn
                 if entry.state is _OPENING:
                     return self._open(entry, started)
                 problem = self._check(entry, started, timeout)
@@ -439,10 +443,11 @@ class ConnectionPool:
             raise PoolClosed(f"pool {self.name!r} was closed while waiting for a connection")
         return entry, conn
 
-    def _unread(self, entry: Entry, conn: Any) -> bool:
+    def _unread(self, entry: Entry, conn: Any, waiter: Waiter | None = None) -> bool:
         """Poll the socket of a connection just lent without a query (by the fast path, or
-        to a waiter it was handed to): True when nothing was read from or waits on it; else
-        it is IDLE again, marked for whoever takes it next to check with a query.
+        to a ``waiter`` it was handed to): True when nothing was read from or waits on it;
+        else it is RESERVED for ``waiter`` to check with a query in its turn, or, by the fast
+        path or interrupted, IDLE again, marked for whoever takes it next to check.
 
         Outside the lock: ``select.poll`` (where ctypes' is missing) lets go of the GIL, and
         a lock held meanwhile would queue every other borrower and releaser behind a thread
@@ -454,7 +459,7 @@ class ConnectionPool:
             self._take_back(entry, conn)  # interrupted: back in the pool, untouched
             raise
         if readable:
-            self._take_back(entry, conn)
+            self._take_back(entry, conn, waiter)
             return False
         return True
 

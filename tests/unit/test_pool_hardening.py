@@ -368,16 +368,33 @@ def test_a_connection_handed_to_a_waiter_is_polled_before_it_is_lent(
     """A waiter lends a connection handed over by a release in one step, without the query
     a check would send, after the same zero-timeout poll the fast path makes: what reached
     the socket between the hand-over and the waiter waking up (a terminated backend, a
-    notification) gets it checked with a query first, in the same turn; an exception landing
-    in that poll leaves it in the pool, untouched."""
+    notification) gets it checked with a query first, in the same turn, kept for the waiter
+    meanwhile (a borrower arriving then does not get it); an exception landing in that poll
+    leaves it in the pool, untouched."""
     driver = FakeDriver()
     pool = make_pool(driver, max_conns=1, timeout=5)
     held = pool.borrow()
     handed: list[Any] = []
     wait = Waiter.wait
+    take_back = ConnectionPool._take_back
+    arrivals: list[BaseException | Any] = []
+
+    def taken_back(self: ConnectionPool, *args: Any) -> None:
+        take_back(self, *args)
+        if meanwhile != "notified":
+            return
+        # Another borrower arrives between the poll and the check.
+        try:
+            arrivals.append(pool.borrow(timeout=0))
+        except PoolTimeout as error:
+            arrivals.append(error)
+
+    monkeypatch.setattr(ConnectionPool, "_take_back", taken_back)
 
     def woken(waiter: Waiter, timeout: float) -> None:
         wait(waiter, timeout)
+        if handed or waiter.entry is None:
+            return  # the waiter of this test only, once
         conn = waiter.entry.conn
         handed.append(conn)
         if meanwhile == "killed":
@@ -392,8 +409,8 @@ def test_a_connection_handed_to_a_waiter_is_polled_before_it_is_lent(
 
     def borrower() -> None:
         try:
-            got.append(pool.borrow())
-        except Interrupted as error:
+            got.append(pool.borrow(timeout=1))
+        except (Interrupted, PoolTimeout) as error:
             got.append(error)
 
     thread = threading.Thread(target=borrower)
@@ -408,6 +425,8 @@ def test_a_connection_handed_to_a_waiter_is_polled_before_it_is_lent(
         assert held.closed
         assert stats["connections_lost"] == 1, stats
     elif meanwhile == "notified":
+        assert len(arrivals) == 1
+        assert isinstance(arrivals[0], PoolTimeout), "taken from the waiter whose turn it was"
         assert got[0] is held
         assert held.executed == ["SELECT 1"], "lent without the check a readable socket needs"
         assert stats["validations"] == 1, stats
