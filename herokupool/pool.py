@@ -304,7 +304,7 @@ class ConnectionPool:
         # Outside the lock: note_in_use is lock-free (see herokupool.metrics).
         self._window.note_in_use(in_use, now)
         if self.leak_threshold is not None:
-            entry.stack = traceback.format_stack()[:-1]
+            entry.stack = _borrowers_stack()
         return conn
 
     def _lendable_as_is(self, entry: Entry, now: float) -> bool:
@@ -355,12 +355,8 @@ class ConnectionPool:
                     # Handed over and lent in one step; or, something to read on its
                     # socket, RESERVED for this borrow again and checked below.
                     if conn is not None and self._unread(entry, conn, waiter):
-                        now = entry.borrowed_at
-                        self._window.record_wait(now - started, now)
-                        # Read without the lock, as note_in_use itself is: a peak.
-                        self._window.note_in_use(self._entries.counts[_LENT], now)
-                        if self.leak_threshold is not None:
-                            entry.stack = traceback.format_stack()[:-2]
+                        # The count read without the lock, as note_in_use itself is: a peak.
+                        self._lent(entry, self._entries.counts[_LENT], entry.borrowed_at, started)
                         return conn
                 if entry.state is _OPENING:
                     return self._open(entry, started)
@@ -532,11 +528,7 @@ class ConnectionPool:
                     self._counters[CONNECTIONS_LOST if lost else CONNECTIONS_CLOSED] += 1
                 closed = self._closed
         if conn is not None:
-            if started is not None:
-                self._window.record_wait(now - started, now)
-            self._window.note_in_use(in_use, now)
-            if self.leak_threshold is not None:
-                entry.stack = traceback.format_stack()[:-3]
+            self._lent(entry, in_use, now, started)
             return conn
         if close is not None:
             self._close_quietly(close)
@@ -576,12 +568,18 @@ class ConnectionPool:
             self._close_quietly(conn)
             raise PoolClosed(f"pool {self.name!r} was closed while opening a connection")
         logger.debug("pool %r: opened a connection", self.name)
+        self._lent(entry, in_use, now, started)
+        return lent
+
+    def _lent(self, entry: Entry, in_use: int, now: float, started: float | None) -> None:
+        """Record a loan the slow path just made, outside the lock: the wait it ended (if
+        it queued, from ``started``), the in-use peak, and for ``leak_threshold`` the
+        borrower's stack."""
         if started is not None:
             self._window.record_wait(now - started, now)
         self._window.note_in_use(in_use, now)
         if self.leak_threshold is not None:
-            entry.stack = traceback.format_stack()[:-3]
-        return lent
+            entry.stack = _borrowers_stack()
 
     def _attach(self, entry: Entry, conn: Any, now: float) -> None:
         """Record a connection just opened in its slot; the first one decides the driver."""
@@ -1217,6 +1215,17 @@ def _read_idle(driver: Driver, entry: Entry, conn: Any) -> None:
         driver.read_input(conn)
         if not entry.readable():
             return
+
+
+def _borrowers_stack() -> list[str]:
+    """The calling thread's stack, formatted, down to its call of ``borrow()``: the
+    borrower's frames, none of the pool's below it, whichever path lent the connection."""
+    frames = traceback.extract_stack()
+    for index in range(len(frames) - 1, -1, -1):
+        frame = frames[index]
+        if frame.name == "borrow" and frame.filename == __file__:
+            return traceback.format_list(frames[:index])
+    return traceback.format_list(frames)
 
 
 def _first_line(error: BaseException) -> str:
