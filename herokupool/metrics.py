@@ -121,8 +121,8 @@ class WaitWindow:
     ``note_in_use`` runs on every borrow and ``note_waiting`` on every wait, so they take no
     lock and do two comparisons and an increment at most; everything else runs after a
     borrower already waited (or when stats are read) and takes the window's own lock, never
-    the pool's.  The window advances in ``window /
-    slots`` steps: a snapshot covers the last ``window`` seconds and at most one step more.
+    the pool's.  The window advances in ``window / slots`` steps: a snapshot covers the last
+    ``window`` seconds and at most one step more.
     """
 
     def __init__(
