@@ -5,6 +5,8 @@ shedding (MAX_WAITING) and the two settings."""
 from __future__ import annotations
 
 import logging
+import math
+import random
 import re
 import threading
 import time
@@ -22,6 +24,7 @@ from herokupool.metrics import (
     WINDOW,
     MetricsReporter,
     WaitWindow,
+    _percentiles,
     add_publisher,
     advice,
     l2met_line,
@@ -114,6 +117,22 @@ def test_a_slot_keeps_a_bounded_sample_but_exact_counts_and_maximum() -> None:
     assert snap["wait_max"] == 1.0
     assert 0.0 < snap["wait_p50"] <= 1.0
     assert len(window._current.samples) == 16
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_percentiles_are_the_nearest_rank_of_the_whole_population(seed: int) -> None:
+    # Whole weights, so the population can be written out: each value ``weight`` times,
+    # after ``zeros`` zeros; the nearest-rank percentile is then one index into it.
+    rng = random.Random(seed)
+    count = rng.randint(1, 300)
+    values = [rng.choice([rng.random(), rng.randint(0, 5) / 10]) for _ in range(count)]  # ties
+    weights = [float(rng.randint(1, 4)) for _ in range(count)]
+    zeros = rng.choice([0, rng.randint(0, 3 * count)])
+    written = [v for v, w in zip(values, weights, strict=True) for _ in range(int(w))]
+    population = sorted([0.0] * zeros + written)
+    wanted = [50.0, 90.0, 95.0, 99.0, 99.9, 100.0]
+    expected = [population[max(math.ceil(p / 100 * len(population)), 1) - 1] for p in wanted]
+    assert _percentiles(values, weights, zeros, wanted) == expected
 
 
 # ------------------------------------------------------------------ the pool
