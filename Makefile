@@ -114,7 +114,8 @@ bench-quick:
 
 # Django's connect+close and two of the bench's requests counted in instructions under valgrind's
 # callgrind (bench/instructions.py): the native pool, herokupool and Django's own floor on psycopg 3;
-# the same on a busy machine as on a quiet one. About 8 minutes; needs valgrind.
+# the same on a busy machine as on a quiet one. About 8 minutes; needs valgrind. BENCH_ARGS="--threads 8
+# --workloads item" counts requests from 8 threads on the pool's 4 connections (most borrows wait).
 bench-instructions:
 	sh bench/venv.sh $(PYTHON)
 	.venv-bench/bin/python -m bench.instructions $(BENCH_ARGS)

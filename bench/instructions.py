@@ -12,6 +12,13 @@ machine as on a quiet one. The workloads:
   worker sends them (``bench/app/views.py``: one ORM lookup; three ORM queries), request
   end included (``request_finished``: ``close_old_connections()``).
 
+With ``--threads N`` (N > 1) the request workloads run from N threads sharing the requests,
+each with its own Django connection, as the benchmark's worker runs its T=8 and T=32 rounds:
+with more threads than the pool's 4 connections most borrows wait, the path one thread never
+takes. Callgrind runs one thread at a time and switches when one blocks (on the pool, on the
+server's answer), so borrows queue as they do on a busy machine; where the switches fall
+depends on timing, so such a count moves more between runs than a one-thread count does.
+
 The cyclic garbage collector is off while counting (after a collection ending the warm-up):
 where a collection falls is not the code's cost, and it would move the difference by more
 than the code changes being measured. ``PYTHONHASHSEED`` is fixed for the same reason.
@@ -33,6 +40,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -63,8 +72,8 @@ def spec(name: str, target: Target) -> dict[str, Any]:
 WORKLOADS: dict[str, str | None] = {"connect": None, "item": "/item/", "prepared": "/prepared/"}
 
 
-def child(workload: str, iterations: int) -> None:
-    """Run in the measured process: the warm-up, then ``iterations``."""
+def child(workload: str, iterations: int, threads: int = 1) -> None:
+    """Run in the measured process: the warm-up, then ``iterations``, from ``threads``."""
     from bench import bootstrap
 
     bootstrap.prepare()
@@ -92,15 +101,43 @@ def child(workload: str, iterations: int) -> None:
                 raise RuntimeError(error)
 
     # The warm-up is counted too, in both runs alike: the difference leaves it out.
-    for index in range(WARM_UP):
-        once(index)
+    run(once, 0, WARM_UP, threads)
     gc.collect()
     gc.disable()
-    for index in range(iterations):
-        once(index)
+    run(once, WARM_UP, iterations, threads)
 
 
-def count(name: str, target: Target, workload: str, iterations: int, valgrind: str) -> int:
+def run(once: Callable[[int], None], start: int, count: int, threads: int) -> None:
+    """``once(start)`` .. ``once(start + count - 1)``, shared out over ``threads``."""
+    if threads == 1:
+        for index in range(start, start + count):
+            once(index)
+        return
+    from django.db import connections
+
+    failed: list[BaseException] = []
+
+    def share(offset: int) -> None:
+        try:
+            for index in range(start + offset, start + count, threads):
+                once(index)
+        except BaseException as error:  # reported by the main thread
+            failed.append(error)
+        finally:
+            connections.close_all()
+
+    workers = [threading.Thread(target=share, args=(offset,)) for offset in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    if failed:
+        raise failed[0]
+
+
+def count(
+    name: str, target: Target, workload: str, iterations: int, valgrind: str, threads: int = 1
+) -> int:
     """Instructions of a whole process doing ``iterations`` (callgrind's total)."""
     env = {
         **os.environ,
@@ -111,7 +148,8 @@ def count(name: str, target: Target, workload: str, iterations: int, valgrind: s
     with tempfile.TemporaryDirectory() as scratch:
         done = subprocess.run(
             [valgrind, "--tool=callgrind", f"--callgrind-out-file={scratch}/out",
-             sys.executable, "-m", "bench.instructions", "--child", workload, str(iterations)],
+             sys.executable, "-m", "bench.instructions",
+             "--child", workload, str(iterations), str(threads)],
             cwd=ROOT, env=env, capture_output=True, text=True, check=False,
         )  # fmt: skip
     found = _COLLECTED.search(done.stderr)
@@ -121,24 +159,32 @@ def count(name: str, target: Target, workload: str, iterations: int, valgrind: s
 
 
 def per_iteration(
-    name: str, target: Target, workload: str, iterations: int, valgrind: str
+    name: str, target: Target, workload: str, iterations: int, valgrind: str, threads: int = 1
 ) -> float:
     """Instructions per iteration of ``workload``: the two runs side by side."""
     with ThreadPoolExecutor(2) as runs:
         small, large = runs.map(
-            lambda n: count(name, target, workload, n, valgrind), (iterations, 2 * iterations)
+            lambda n: count(name, target, workload, n, valgrind, threads),
+            (iterations, 2 * iterations),
         )
     return (large - small) / iterations
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.instructions", description=__doc__)
-    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument(
         "--iterations", type=int, default=1000, help="connect+close iterations (default 1000)"
     )
     parser.add_argument(
         "--requests", type=int, default=300, help="requests per request workload (default 300)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="threads sharing a request workload's requests (default 1; 8 and 32 as in "
+        "make bench's rounds, on the pool's 4 connections)",
     )
     parser.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS))
     parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
@@ -149,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.child is not None:
-        child(args.child[0], int(args.child[1]))
+        child(args.child[0], int(args.child[1]), int(args.child[2]))
         return 0
     valgrind = shutil.which("valgrind")
     if valgrind is None:
@@ -165,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     for workload in args.workloads:
         iterations = args.iterations if WORKLOADS[workload] is None else args.requests
         for name in args.configs:
-            value = per_iteration(name, target, workload, iterations, valgrind)
+            threads = 1 if WORKLOADS[workload] is None else args.threads
+            value = per_iteration(name, target, workload, iterations, valgrind, threads)
             counted.setdefault(name, {})[workload] = value
             print(f"[instructions] {workload} {name}: {value / 1000:.1f} k", file=sys.stderr)
     print(report(counted, args.workloads))
