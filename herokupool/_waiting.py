@@ -23,6 +23,8 @@ from typing import Any
 
 __all__ = ["Outcome", "Waiter", "WaitingLine"]
 
+_TIMEOUT_MAX = threading.TIMEOUT_MAX
+
 
 class Outcome(enum.Enum):
     """What a queued borrower was given."""
@@ -46,8 +48,13 @@ class Waiter:
         self._signal.acquire()
 
     def wait(self, timeout: float) -> None:
-        # Clamped: a larger timeout makes acquire() raise OverflowError.
-        self._signal.acquire(timeout=min(max(timeout, 0.0), threading.TIMEOUT_MAX))
+        # Clamped: acquire() raises ValueError for a negative timeout (but -1) and
+        # OverflowError for one above TIMEOUT_MAX.  Not min(max()): this runs on every wait.
+        if timeout < 0.0:
+            timeout = 0.0
+        elif timeout > _TIMEOUT_MAX:
+            timeout = _TIMEOUT_MAX
+        self._signal.acquire(timeout=timeout)
 
     def set(self, outcome: Outcome, entry: Any = None) -> bool:
         """Serve this waiter; False when it already gave up (serve the next one)."""

@@ -203,7 +203,8 @@ class WaitWindow:
         slot.waits += 1
         if waited >= self.slow_wait:
             slot.slow += 1
-        slot.longest = max(slot.longest, waited)
+        if waited > slot.longest:
+            slot.longest = waited
         if len(slot.samples) < self._samples:
             slot.samples.append(waited)
         else:  # reservoir sampling: every wait of the slot is kept with the same chance

@@ -349,7 +349,7 @@ class ConnectionPool:
                 entry = self._claim(waiter, keep_turn)
                 if entry is None:  # queued
                     started = self._clock()
-                    self._window.note_waiting(len(self._line), started)
+                    self._window.note_waiting(len(self._waiting), started)
                     waiter.wait(timeout)
                     entry, conn = self._resolve(waiter, started)
                     # Handed over and lent in one step; or, something to read on its
@@ -383,7 +383,7 @@ class ConnectionPool:
                 entries.move(entry, _RESERVED, weakref.ref(waiter, self._on_lost), now)
                 waiter.entry = entry
                 return entry
-            if len(entries) < self.max_conns:
+            if len(entries.all) < self.max_conns:
                 entry = Entry(now, weakref.ref(waiter, self._on_lost))
                 entries.add(entry)
                 waiter.entry = entry

@@ -74,6 +74,38 @@ def test_rejects_impossible_sizes(kwargs: dict[str, object], message: str) -> No
 # ----------------------------------------------------------------------- timeouts
 
 
+@pytest.mark.parametrize("timeout", [0, 0.0, -1, -5.5])
+def test_a_borrow_with_no_time_left_times_out_at_once(timeout: float) -> None:
+    pool = make_pool(max_conns=1)
+    pool.borrow()
+    raised: list[BaseException] = []
+
+    def borrow() -> None:
+        try:
+            pool.borrow(timeout)
+        except PoolTimeout as error:
+            raised.append(error)
+
+    # In a thread: a lock's acquire(timeout=-1) would wait for ever.
+    borrower = threading.Thread(target=borrow, daemon=True)
+    borrower.start()
+    borrower.join(5)
+    assert raised, "still waiting"
+    assert "timed out after 0.0 s" in str(raised[0])
+
+
+def test_a_borrow_may_wait_longer_than_a_lock_can() -> None:
+    pool = make_pool(max_conns=1)
+    held = pool.borrow()
+    got: list[object] = []
+    waiter = threading.Thread(target=lambda: got.append(pool.borrow(timeout=1e300)), daemon=True)
+    waiter.start()
+    assert wait_until(lambda: pool.stats()["waiting"] == 1)
+    pool.release(held)
+    waiter.join(5)
+    assert got == [held], "served, not OverflowError from threading.TIMEOUT_MAX"
+
+
 def test_timeout_message_names_the_pool_and_the_numbers() -> None:
     pool = make_pool(name="replica", max_conns=2, timeout=0.05)
     pool.borrow()
