@@ -209,9 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     prepare_database(target)
     counted: dict[str, dict[str, float]] = {}
     for workload in args.workloads:
-        iterations = args.iterations if WORKLOADS[workload] is None else args.requests
+        connect_only = WORKLOADS[workload] is None
+        iterations = args.iterations if connect_only else args.requests
+        threads = 1 if connect_only else args.threads
         for name in args.configs:
-            threads = 1 if WORKLOADS[workload] is None else args.threads
             value = per_iteration(name, target, workload, iterations, valgrind, threads)
             counted.setdefault(name, {})[workload] = value
             print(f"[instructions] {workload} {name}: {value / 1000:.1f} k", file=sys.stderr)
