@@ -126,7 +126,11 @@ class ConnectionPool:
     undoes what it changed in the session (run after the rollback, with ``cleanup``, in
     one round trip), or None; an exception from it closes the connection.  It replaces
     the reset of the driver's session characteristics (isolation level, read only,
-    deferrable) done without it.  Must not block or do I/O.
+    deferrable) done without it.  Must not block or do I/O.  ``unchanged(conn)``, given
+    with it, is its fast path: True only when the connection is open, idle, in autocommit
+    and the loan left nothing the hook would restore or undo and nothing unread; such a
+    release (without ``cleanup``, in a pool without ``reset``) then calls neither the hook
+    nor the driver's checks.
 
     ``driver`` is the :class:`~herokupool.drivers.Driver` for the connections ``connect()``
     returns, or its name (``"psycopg2"``, ``"psycopg"``).  Left None, the pool picks it from
@@ -153,6 +157,7 @@ class ConnectionPool:
         max_waiting: int | None = None,
         log_metrics: float | None = None,
         prepare_release: Callable[[Any], str | None] | None = None,
+        unchanged: Callable[[Any], bool] | None = None,
         clock: Callable[[], float] = time.monotonic,
         background: bool = True,
         describe_holder: Callable[[int], str | None] | None = None,
@@ -184,6 +189,7 @@ class ConnectionPool:
         self.max_waiting = max_waiting
         self.log_metrics = log_metrics
         self.prepare_release = prepare_release
+        self.unchanged = unchanged
         self.describe_holder = describe_holder
         self._connect = connect
         # Until the first connection is attached: a Driver that knows nothing (no
@@ -722,10 +728,14 @@ class ConnectionPool:
             self._release_unknown(conn)
             return
         try:
-            problem = self._reset(conn, cleanup)
-            if problem is None:
-                # What the borrower left unread must not reach the next one, nor grow.
-                self._driver.forget_messages(conn)
+            quick = self.unchanged
+            if quick is not None and cleanup is None and not self.reset and quick(conn):
+                problem = None  # the common loan: nothing to undo, nothing unread
+            else:
+                problem = self._reset(conn, cleanup)
+                if problem is None:
+                    # What the borrower left unread must not reach the next one, nor grow.
+                    self._driver.forget_messages(conn)
             now = self._clock()
         except BaseException:
             # Interrupted while cleaning: the session's state is unknown.

@@ -41,6 +41,7 @@ __all__ = [
     "apply_isolation_level",
     "connection_class",
     "prepare_release",
+    "unchanged",
 ]
 
 # Prune the loan's list of cursor references once it grows past this many: a loan that
@@ -48,6 +49,8 @@ __all__ = [
 _PRUNE_AT = 256
 
 _ROLE_UNKNOWN: Any = object()
+
+_IDLE = ext.TRANSACTION_STATUS_IDLE
 
 
 class TrackedConnection(ext.connection):
@@ -78,11 +81,12 @@ class TrackedConnection(ext.connection):
         self._cursor_factory = self.cursor_factory
         self._encoding = self.encoding
 
-    def begin_loan(self) -> None:
-        """Start a loan: forget what the pool itself ran between loans (validation, the
-        last release's undo, ``RESET``), and note the session characteristics the
-        borrower's set-up gave it (see :func:`apply_isolation_level`), which the release
-        keeps."""
+    def begin_loan(self, isolation_level: Any = None) -> None:
+        """Start a loan whose borrower's settings ask for ``isolation_level`` (None: the
+        server's default; see :func:`apply_isolation_level`): forget what the pool itself
+        ran between loans (validation, the last release's undo, ``RESET``), and note the
+        session characteristics the borrower's set-up gave it, which the release keeps."""
+        apply_isolation_level(self, isolation_level)
         self.herokupool_flags = 0
         self._characteristics = (self.isolation_level, self.readonly, self.deferrable)
         self._loan_open = True
@@ -193,6 +197,28 @@ def prepare_release(conn: Any) -> str | None:
     if flags & session.ROLE:
         conn.assumed_role = None
     return session.undo(flags)
+
+
+def unchanged(conn: Any) -> bool:
+    """The release's fast path, for a pool without ``RESET``: True only when ``conn`` is
+    open, idle, in autocommit, and the loan left nothing behind that
+    :func:`prepare_release` would restore or undo (no session change recorded, no unread
+    notice or notification, cursor class, typecasters, encoding and session
+    characteristics as the loan began).  The pool then sends nothing and calls nothing
+    else: the same answer as the driver's checks and the hook together.  No I/O and no
+    lock."""
+    # A condition, not a returned boolean expression: one jump per test (every release).
+    if (  # noqa: SIM103
+        not isinstance(conn, TrackedConnection)
+        or conn.closed
+        or conn.get_transaction_status() != _IDLE  # raises once closed: checked first
+        or not conn.autocommit
+        or conn._loan_open
+        or conn.herokupool_flags
+        or conn.client_state_changed()
+    ):
+        return False
+    return True
 
 
 def apply_isolation_level(conn: Any, isolation_level: Any) -> None:

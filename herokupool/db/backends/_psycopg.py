@@ -11,19 +11,19 @@ import psycopg
 
 from herokupool.tracked_psycopg import (
     TrackedConnection,
-    apply_isolation_level,
     release_hook,
+    unchanged,
 )
 
 __all__ = [
     "TrackedConnection",
     "adopt",
-    "apply_isolation_level",
     "closed_error",
     "connect",
     "libpq_version",
     "parameter_status",
     "release_hook",
+    "unchanged",
 ]
 
 

@@ -14,17 +14,17 @@ import psycopg2.extensions
 import psycopg2.extras
 
 from herokupool import tracked
-from herokupool.tracked import TrackedConnection, apply_isolation_level
+from herokupool.tracked import TrackedConnection, unchanged
 
 __all__ = [
     "TrackedConnection",
     "adopt",
-    "apply_isolation_level",
     "closed_error",
     "connect",
     "libpq_version",
     "parameter_status",
     "release_hook",
+    "unchanged",
 ]
 
 

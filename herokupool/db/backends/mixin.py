@@ -160,12 +160,12 @@ class PooledDatabaseWrapperMixin(_Base):
                 ) from None
         self.isolation_level = isolation_level
         conn = self._herokupool_lend(self._pool_for(conn_params))
-        # As Django sets it on a new connection: on the client side, sent with each BEGIN
-        # (not as the session's default_transaction_isolation, which behind PgBouncer in
-        # transaction mode would stay on the server connection and reach other clients).
-        # A pooled session keeps it between loans, so this sends nothing.
-        driver.apply_isolation_level(conn, None if level is None else isolation_level)
-        conn.begin_loan()
+        # The isolation level as Django sets it on a new connection: on the client side,
+        # sent with each BEGIN (not as the session's default_transaction_isolation, which
+        # behind PgBouncer in transaction mode would stay on the server connection and
+        # reach other clients).  A pooled session keeps it between loans, so this sends
+        # nothing.
+        conn.begin_loan(None if level is None else isolation_level)
         return conn
 
     def _herokupool_lend(self, pool: ConnectionPool) -> Any:
@@ -303,6 +303,7 @@ class PooledDatabaseWrapperMixin(_Base):
             connect,
             name=self.alias,
             prepare_release=driver.release_hook(kwargs.get("reset")),
+            unchanged=driver.unchanged,
             describe_holder=_executor_hint,
             **kwargs,
         )
