@@ -48,6 +48,12 @@ class State(enum.IntEnum):
     LENT = 4
 
 
+# The two states of the fast paths (lend_top, give_back): the members, for entry.state, and
+# plain ints, to index Entries.counts (CPython's quick list indexing takes exact ints only).
+_IDLE, _LENT = State.IDLE, State.LENT
+_IDLE_AT, _LENT_AT = int(_IDLE), int(_LENT)
+
+
 class Entry:
     """The pool's bookkeeping for one connection (or one slot being connected)."""
 
@@ -176,10 +182,10 @@ class Entries:
         """:meth:`lend` for the top of the idle stack, the fast path: the same step, inlined."""
         entry = self.idle.pop()
         counts = self.counts
-        counts[State.IDLE] -= 1
-        counts[State.LENT] += 1
+        counts[_IDLE_AT] -= 1
+        counts[_LENT_AT] += 1
         self.borrows += 1
-        entry.state = State.LENT
+        entry.state = _LENT
         conn = entry.conn
         entry.conn = None
         entry.borrowed_at = now
@@ -207,12 +213,14 @@ class Entries:
     def give_back(self, entry: Entry, conn: Any, now: float) -> None:
         """A lent ``entry`` comes back clean: IDLE, on top of the stack (:meth:`shelve` for
         the fast path, inlined)."""
-        if self.lent.get(entry.key) is entry:
-            del self.lent[entry.key]
+        lent = self.lent
+        key = entry.key
+        if lent.get(key) is entry:
+            del lent[key]
         counts = self.counts
-        counts[State.LENT] -= 1
-        counts[State.IDLE] += 1
-        entry.state = State.IDLE
+        counts[_LENT_AT] -= 1
+        counts[_IDLE_AT] += 1
+        entry.state = _IDLE
         entry.conn = conn
         entry.last_used = now
         entry.holder = None

@@ -481,6 +481,31 @@ def test_a_quiet_socket_costs_no_query_within_the_validation_window() -> None:
     assert pool.stats()["validations"] == 1
 
 
+@pytest.mark.parametrize(
+    ("setting", "value", "validated"),
+    [
+        ("validate_after", 1.0, ["SELECT 1"]),  # idle for 2 s: past the new window
+        ("validate_after", 5.0, []),
+        ("test_on_borrow", True, ["SELECT 1"]),
+        ("test_on_borrow", False, []),
+    ],
+)
+def test_validation_settings_changed_on_a_live_pool_take_effect_at_the_next_borrow(
+    setting: str, value: object, validated: list[str]
+) -> None:
+    """The fast path reads one number made from both settings: changing either one on the
+    pool remakes it."""
+    clock = FakeClock()
+    pool = make_pool(clock=clock)  # validate_after None: never validated by idle time
+    conn = pool.borrow()
+    pool.release(conn)
+    clock.advance(2.0)
+    setattr(pool, setting, value)
+    assert getattr(pool, setting) == value
+    assert pool.borrow() is conn
+    assert conn.executed == validated
+
+
 def test_the_idle_socket_is_polled_outside_the_pools_lock() -> None:
     """poll() lets go of the GIL: polled under the pool's lock, every other borrower and
     releaser would queue on the lock behind a thread waiting to get the GIL back."""
