@@ -86,7 +86,8 @@ class TrackedConnection(ext.connection):
         server's default; see :func:`apply_isolation_level`): forget what the pool itself
         ran between loans (validation, the last release's undo, ``RESET``), and note the
         session characteristics the borrower's set-up gave it, which the release keeps."""
-        apply_isolation_level(self, isolation_level)
+        if self.isolation_level != isolation_level:
+            apply_isolation_level(self, isolation_level)
         self.herokupool_flags = 0
         self._characteristics = (self.isolation_level, self.readonly, self.deferrable)
         self._loan_open = True
@@ -134,7 +135,7 @@ class TrackedConnection(ext.connection):
     def client_state_changed(self) -> bool:
         """Whether the loan left client-side state behind (see :func:`prepare_release`)."""
         characteristics = self._characteristics
-        return bool(
+        if (  # noqa: SIM103  # a condition, as in unchanged(): one jump per test
             self.notices
             or self.notifies
             or self.cursor_factory is not self._cursor_factory
@@ -143,7 +144,9 @@ class TrackedConnection(ext.connection):
             or self.deferrable != characteristics[2]
             or self.string_types != self._string_types
             or self.encoding != self._encoding
-        )
+        ):
+            return True
+        return False
 
 
 def connection_class(factory: type | None) -> type:
