@@ -48,8 +48,8 @@ def adopt(conn: Any, cursor: Any) -> Any:
 def parameter_status(conn: Any, name: str) -> str | None:
     """A parameter the server reported (``TimeZone``), without a round trip and without
     the ``ConnectionInfo`` that ``conn.info`` allocates."""
-    value = conn.pgconn.parameter_status(name.encode())
-    return None if value is None else str(value.decode())
+    value: bytes | None = conn.pgconn.parameter_status(name.encode())
+    return None if value is None else value.decode()
 
 
 def closed_error() -> Exception:
