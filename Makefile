@@ -115,7 +115,9 @@ bench-quick:
 # Django's connect+close and two of the bench's requests counted in instructions under valgrind's
 # callgrind (bench/instructions.py): the native pool, herokupool and Django's own floor on psycopg 3;
 # the same on a busy machine as on a quiet one. About 8 minutes; needs valgrind. BENCH_ARGS="--threads 8
-# --workloads item" counts requests from 8 threads on the pool's 4 connections (most borrows wait).
+# --workloads item" counts requests from 8 threads on the pool's 4 connections (most borrows wait);
+# BENCH_ARGS=--bytecodes counts Python bytecodes instead (no valgrind, under a minute), which is what
+# the time follows, with herokupool's own per function.
 bench-instructions:
 	sh bench/venv.sh $(PYTHON)
 	.venv-bench/bin/python -m bench.instructions $(BENCH_ARGS)

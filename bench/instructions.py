@@ -19,6 +19,12 @@ takes. Callgrind runs one thread at a time and switches when one blocks (on the 
 server's answer), so borrows queue as they do on a busy machine; where the switches fall
 depends on timing, so such a count moves more between runs than a one-thread count does.
 
+With ``--bytecodes`` (Python 3.12+, no valgrind) the same workloads are counted in Python
+bytecodes (``sys.monitoring``'s INSTRUCTION events, every thread, the measured iterations
+only), with herokupool's own per function. Time follows bytecodes more closely than
+instructions: herokupool's work is Python, the native pool's extra work is largely C
+(docs/benchmarks.md).
+
 The cyclic garbage collector is off while counting (after a collection ending the warm-up):
 where a collection falls is not the code's cost, and it would move the difference by more
 than the code changes being measured. ``PYTHONHASHSEED`` is fixed for the same reason.
@@ -72,8 +78,9 @@ def spec(name: str, target: Target) -> dict[str, Any]:
 WORKLOADS: dict[str, str | None] = {"connect": None, "item": "/item/", "prepared": "/prepared/"}
 
 
-def child(workload: str, iterations: int, threads: int = 1) -> None:
-    """Run in the measured process: the warm-up, then ``iterations``, from ``threads``."""
+def child(workload: str, iterations: int, threads: int = 1, bytecodes: bool = False) -> None:
+    """Run in the measured process: the warm-up, then ``iterations``, from ``threads``.
+    With ``bytecodes``, print the bytecodes the iterations ran (see :func:`bytecodes_of`)."""
     from bench import bootstrap
 
     bootstrap.prepare()
@@ -104,7 +111,41 @@ def child(workload: str, iterations: int, threads: int = 1) -> None:
     run(once, 0, WARM_UP, threads)
     gc.collect()
     gc.disable()
-    run(once, WARM_UP, iterations, threads)
+    if not bytecodes:
+        run(once, WARM_UP, iterations, threads)
+        return
+    per_code = bytecodes_of(lambda: run(once, WARM_UP, iterations, threads))
+    ours = str(ROOT / "herokupool")
+    total = sum(per_code.values())
+    own = {
+        f"{code.co_filename[len(str(ROOT)) + 1 :]}:{code.co_qualname}": n
+        for code, n in per_code.items()
+        if code.co_filename.startswith(ours)
+    }
+    print(json.dumps({"total": total, "herokupool": own}))
+
+
+def bytecodes_of(work: Callable[[], None]) -> dict[Any, int]:
+    """How many bytecodes ``work()`` ran, per code object, in every thread
+    (``sys.monitoring``'s INSTRUCTION events; Python 3.12+)."""
+    monitoring = sys.monitoring  # type: ignore[attr-defined,unused-ignore]
+    counts: dict[Any, int] = {}
+
+    def seen(code: Any, offset: int) -> None:
+        counts[code] = counts.get(code, 0) + 1
+
+    tool = monitoring.PROFILER_ID
+    monitoring.use_tool_id(tool, "bench.instructions")
+    try:
+        monitoring.register_callback(tool, monitoring.events.INSTRUCTION, seen)
+        monitoring.set_events(tool, monitoring.events.INSTRUCTION)
+        try:
+            work()
+        finally:
+            monitoring.set_events(tool, 0)
+    finally:
+        monitoring.free_tool_id(tool)
+    return counts
 
 
 def run(once: Callable[[int], None], start: int, count: int, threads: int) -> None:
@@ -158,6 +199,28 @@ def count(
     return int(found.group(1))
 
 
+def bytecodes_per_iteration(
+    name: str, target: Target, workload: str, iterations: int, threads: int = 1
+) -> tuple[float, dict[str, float]]:
+    """Bytecodes per iteration of ``workload``, and herokupool's own per function."""
+    env = {
+        **os.environ,
+        "BENCH_CONFIG": json.dumps(spec(name, target)),
+        "PYTHONPATH": str(ROOT),
+        "PYTHONHASHSEED": "0",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.instructions",
+         "--child", workload, str(iterations), str(threads), "bytecodes"],
+        cwd=ROOT, env=env, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"{name}: counting failed (exit {done.returncode}):\n{done.stderr}")
+    counted = json.loads(done.stdout.strip().splitlines()[-1])
+    own = {where: n / iterations for where, n in counted["herokupool"].items()}
+    return counted["total"] / iterations, own
+
+
 def per_iteration(
     name: str, target: Target, workload: str, iterations: int, valgrind: str, threads: int = 1
 ) -> float:
@@ -172,7 +235,13 @@ def per_iteration(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.instructions", description=__doc__)
-    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--bytecodes",
+        action="store_true",
+        help="count Python bytecodes (sys.monitoring, Python 3.12+; no valgrind) instead of "
+        "CPU instructions, and list herokupool's own per function",
+    )
     parser.add_argument(
         "--iterations", type=int, default=1000, help="connect+close iterations (default 1000)"
     )
@@ -195,10 +264,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.child is not None:
-        child(args.child[0], int(args.child[1]), int(args.child[2]))
+        workload, iterations, threads, *mode = args.child
+        child(workload, int(iterations), int(threads), bytecodes=mode == ["bytecodes"])
         return 0
+    if args.bytecodes and sys.version_info < (3, 12):
+        print("bench.instructions --bytecodes needs Python 3.12+", file=sys.stderr)
+        return 2
     valgrind = shutil.which("valgrind")
-    if valgrind is None:
+    if valgrind is None and not args.bytecodes:
         print("bench.instructions needs valgrind (apt install valgrind)", file=sys.stderr)
         return 2
     # Imported here, not in the measured child: they load the drivers.
@@ -208,35 +281,57 @@ def main(argv: list[str] | None = None) -> int:
     target = target_from_url(args.database_url or DEFAULT_URL)
     prepare_database(target)
     counted: dict[str, dict[str, float]] = {}
+    owns: dict[str, dict[str, dict[str, float]]] = {}
     for workload in args.workloads:
         connect_only = WORKLOADS[workload] is None
         iterations = args.iterations if connect_only else args.requests
         threads = 1 if connect_only else args.threads
         for name in args.configs:
-            value = per_iteration(name, target, workload, iterations, valgrind, threads)
+            if args.bytecodes:
+                value, own = bytecodes_per_iteration(name, target, workload, iterations, threads)
+                if own:
+                    owns.setdefault(workload, {})[name] = own
+            else:
+                assert valgrind is not None
+                value = per_iteration(name, target, workload, iterations, valgrind, threads)
             counted.setdefault(name, {})[workload] = value
-            print(f"[instructions] {workload} {name}: {value / 1000:.1f} k", file=sys.stderr)
-    print(report(counted, args.workloads))
+            shown = f"{value:.1f} bytecodes" if args.bytecodes else f"{value / 1000:.1f} k"
+            print(f"[instructions] {workload} {name}: {shown}", file=sys.stderr)
+    unit = "bytecodes" if args.bytecodes else "k instr."
+    print(report(counted, args.workloads, unit))
+    for workload, by_config in owns.items():
+        for name, own in by_config.items():
+            print(
+                f"\nherokupool's own bytecodes per {workload} iteration, {name}: "
+                f"{sum(own.values()):.1f}"
+            )
+            for where, n in sorted(own.items(), key=lambda item: -item[1]):
+                if n >= 1:
+                    print(f"  {n:7.1f}  {where}")
     return 0
 
 
-def report(counted: dict[str, dict[str, float]], workloads: list[str]) -> str:
-    """The markdown table: k instructions per iteration, and the ratio to the native pool."""
+def report(
+    counted: dict[str, dict[str, float]], workloads: list[str], unit: str = "k instr."
+) -> str:
+    """The markdown table: per iteration, k instructions (or bytecodes, ``unit``), and the
+    ratio to the native pool."""
+    scale = 1000 if unit.startswith("k ") else 1
     base = counted.get("django-pool", {})
-    header = " | ".join(f"{w} k instr. | {w} x native" for w in workloads)
+    header = " | ".join(f"{w} {unit} | {w} x native" for w in workloads)
     lines = [f"| configuration | {header} |", "|---" * (1 + 2 * len(workloads)) + "|"]
     for name, values in counted.items():
         cells = []
         for workload in workloads:
             value = values[workload]
             ratio = f"{value / base[workload]:.3f}x" if base.get(workload) else "-"
-            cells.append(f"{value / 1000:.1f} | {ratio}")
+            cells.append(f"{value / scale:.1f} | {ratio}")
         lines.append(f"| {name} | {' | '.join(cells)} |")
     floor, native = counted.get(FLOOR, {}).get("connect"), base.get("connect")
     if floor and native:
         lines.append(
             f"\nThe floor's connect+close is {floor / native:.2f}x the native pool's: a pool at "
-            f"0.8x has {(0.8 * native - floor) / 1000:.1f} k instructions for everything beyond "
+            f"0.8x has {(0.8 * native - floor) / scale:.1f} {unit} for everything beyond "
             "Django's own connect+close."
         )
     return "\n".join(lines)
