@@ -167,9 +167,9 @@ class Entries:
     def lend(self, entry: Entry, now: float, holder: int) -> Any:
         """Move ``entry`` to LENT and return its connection, which the pool no longer holds."""
         self._leave(entry)
-        self.counts[State.LENT] += 1
+        self.counts[_LENT_AT] += 1
         self.borrows += 1
-        entry.state = State.LENT
+        entry.state = _LENT
         conn = entry.conn
         entry.conn = None
         entry.owner = None
@@ -256,10 +256,12 @@ class Entries:
     def _leave(self, entry: Entry) -> None:
         state = entry.state
         self.counts[state] -= 1
-        if state is State.LENT:
-            if self.lent.get(entry.key) is entry:
-                del self.lent[entry.key]
-        elif state is State.IDLE:
+        if state is _LENT:
+            lent = self.lent
+            key = entry.key
+            if lent.get(key) is entry:
+                del lent[key]
+        elif state is _IDLE:
             idle = self.idle
             if idle and idle[-1] is entry:
                 del idle[-1]
