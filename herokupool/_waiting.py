@@ -36,13 +36,16 @@ class Outcome(enum.Enum):
     GAVE_UP = "gave up"  # timed out or interrupted: serve the next one instead
 
 
+_PENDING = Outcome.PENDING
+
+
 class Waiter:
     """One borrower's place in line, and the token that says it is still there."""
 
     __slots__ = ("__weakref__", "_signal", "entry", "outcome")
 
     def __init__(self) -> None:
-        self.outcome = Outcome.PENDING
+        self.outcome = _PENDING
         self.entry: Any = None
         self._signal = threading.Lock()
         self._signal.acquire()
@@ -58,7 +61,7 @@ class Waiter:
 
     def set(self, outcome: Outcome, entry: Any = None) -> bool:
         """Serve this waiter; False when it already gave up (serve the next one)."""
-        if self.outcome is not Outcome.PENDING:
+        if self.outcome is not _PENDING:
             return False
         self.outcome = outcome
         self.entry = entry
@@ -67,7 +70,7 @@ class Waiter:
 
     def give_up(self) -> bool:
         """Leave; False when served first (the caller must hand back what it got)."""
-        if self.outcome is not Outcome.PENDING:
+        if self.outcome is not _PENDING:
             return False
         self.outcome = Outcome.GAVE_UP
         return True
@@ -116,7 +119,7 @@ class WaitingLine:
         while refs:
             ref = refs.popleft()
             waiter = ref()
-            if waiter is not None and waiter.outcome is Outcome.PENDING:
+            if waiter is not None and waiter.outcome is _PENDING:
                 return waiter, ref
         return None, None
 
@@ -126,7 +129,7 @@ class WaitingLine:
         kept = [
             ref
             for ref in self._refs
-            if (waiter := ref()) is not None and waiter.outcome is Outcome.PENDING
+            if (waiter := ref()) is not None and waiter.outcome is _PENDING
         ]
         self._refs.clear()
         self._refs.extend(kept)

@@ -108,6 +108,11 @@ _IDLE = State.IDLE
 _OPENING = State.OPENING
 _RESERVED = State.RESERVED
 _HANDED = State.HANDED
+_LENT_AT = int(_LENT)  # the in-use count's index in Entries.counts: an exact int indexes faster
+
+_SERVED = Outcome.SERVED
+_SLOT = Outcome.SLOT
+_CLOSED = Outcome.CLOSED
 
 
 class ConnectionPool:
@@ -326,7 +331,7 @@ class ConnectionPool:
                 now = self._clock()
                 if self._lendable_as_is(entry, now):
                     conn = entries.lend_top(now, get_ident())
-                    in_use = entries.counts[_LENT]
+                    in_use = entries.counts[_LENT_AT]
         if conn is None:
             return self._borrow_slowly(self.timeout if timeout is None else timeout)
         if not self._unread(entry, conn):
@@ -395,7 +400,8 @@ class ConnectionPool:
                     # socket, RESERVED for this borrow again and checked below.
                     if conn is not None and self._unread(entry, conn, waiter):
                         # The count read without the lock, as note_in_use itself is: a peak.
-                        self._lent(entry, self._entries.counts[_LENT], entry.borrowed_at, started)
+                        in_use = self._entries.counts[_LENT_AT]
+                        self._lent(entry, in_use, entry.borrowed_at, started)
                         return conn
                 if entry.state is _OPENING:
                     return self._open(entry, started)
@@ -416,14 +422,14 @@ class ConnectionPool:
             if self._closed:
                 raise PoolClosed(f"pool {self.name!r} is closed")
             entries = self._entries
-            now = self._clock()
             if entries.idle:
                 entry = entries.idle[-1]
-                entries.move(entry, _RESERVED, weakref.ref(waiter, self._on_lost), now)
+                owner = weakref.ref(waiter, self._on_lost)
+                entries.move(entry, _RESERVED, owner, self._clock())
                 waiter.entry = entry
                 return entry
             if len(entries.all) < self.max_conns:
-                entry = Entry(now, weakref.ref(waiter, self._on_lost))
+                entry = Entry(self._clock(), weakref.ref(waiter, self._on_lost))
                 entries.add(entry)
                 waiter.entry = entry
                 return entry
@@ -455,13 +461,10 @@ class ConnectionPool:
         with self._lock:
             now = self._clock()
             self._wait_time += now - started
-            if waiter.give_up():
-                self._line.remove(waiter)
-                self._counters[TIMEOUTS] += 1
-                self._window.record_timeout(now - started, now)
-                message = self._timeout_message(now - started, now)
-                cause = self._last_error
-            elif waiter.outcome is Outcome.SERVED:
+            # Read under the lock, as the pool's set() and close() write it: the common
+            # outcome first, then give_up(), which succeeds only for a waiter still pending.
+            outcome = waiter.outcome
+            if outcome is _SERVED:
                 entry: Entry = waiter.entry
                 if entry.state is _HANDED and entry.owner is not None and entry.owner() is waiter:
                     # Handed over clean by a release just now: lent in this step when the
@@ -470,11 +473,17 @@ class ConnectionPool:
                         conn = self._entries.lend(entry, now, get_ident())
                     else:
                         self._entries.move(entry, _RESERVED, entry.owner, now)
-            elif waiter.outcome is Outcome.SLOT:
+            elif waiter.give_up():
+                self._line.remove(waiter)
+                self._counters[TIMEOUTS] += 1
+                self._window.record_timeout(now - started, now)
+                message = self._timeout_message(now - started, now)
+                cause = self._last_error
+            elif outcome is _SLOT:
                 entry = waiter.entry
         if message is not None:
             raise PoolTimeout(message) from cause
-        if waiter.outcome is Outcome.CLOSED:
+        if outcome is _CLOSED:
             raise PoolClosed(f"pool {self.name!r} was closed while waiting for a connection")
         return entry, conn
 
@@ -692,7 +701,7 @@ class ConnectionPool:
             return
         entry.conn = conn
         self._entries.move(entry, _HANDED, ref, now)
-        waiter.set(Outcome.SERVED, entry)  # last: the waiter finds the entry HANDED to it
+        waiter.set(_SERVED, entry)  # last: the waiter finds the entry HANDED to it
 
     def _wake_for_slot(self, *, refill: bool = True) -> None:
         """Slots may be free: let the oldest waiters open connections in them, or ask the
@@ -710,7 +719,7 @@ class ConnectionPool:
                 break
             entry = Entry(self._clock(), ref)
             entries.add(entry)
-            waiter.set(Outcome.SLOT, entry)
+            waiter.set(_SLOT, entry)
         if refill and len(entries) < self.min_conns:
             self._tasks.put(FILL)
 
