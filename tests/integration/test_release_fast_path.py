@@ -21,6 +21,7 @@ from django.db.backends.postgresql.psycopg_any import is_psycopg3
 
 from herokupool import drivers
 from herokupool.pool import ConnectionPool
+from tests.drivers import connect, query
 
 pytestmark = pytest.mark.integration
 
@@ -36,8 +37,7 @@ def _params(dsn: str) -> dict[str, Any]:
 
 def _sql(statement: str) -> Callable[[Any], None]:
     def run(conn: Any) -> None:
-        with conn.cursor() as cursor:
-            cursor.execute(statement)
+        query(conn, statement)
 
     return run
 
@@ -195,15 +195,7 @@ def test_a_closed_connection_takes_the_slow_path(conn: Any) -> None:
 
 
 def test_a_connection_of_another_class_takes_the_slow_path(dsn: str) -> None:
-    if is_psycopg3:
-        import psycopg
-
-        plain = psycopg.connect(dsn, autocommit=True)
-    else:
-        import psycopg2
-
-        plain = psycopg2.connect(dsn)
-        plain.autocommit = True
+    plain = connect("psycopg" if is_psycopg3 else "psycopg2", dsn)
     try:
         assert BACKEND.unchanged(plain) is False
     finally:
