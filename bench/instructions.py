@@ -176,16 +176,21 @@ def run(once: Callable[[int], None], start: int, count: int, threads: int) -> No
         raise failed[0]
 
 
-def count(
-    name: str, target: Target, workload: str, iterations: int, valgrind: str, threads: int = 1
-) -> int:
-    """Instructions of a whole process doing ``iterations`` (callgrind's total)."""
-    env = {
+def _child_env(name: str, target: Target) -> dict[str, str]:
+    """The measured child's environment: configuration ``name``, the hash seed fixed."""
+    return {
         **os.environ,
         "BENCH_CONFIG": json.dumps(spec(name, target)),
         "PYTHONPATH": str(ROOT),
         "PYTHONHASHSEED": "0",
     }
+
+
+def count(
+    name: str, target: Target, workload: str, iterations: int, valgrind: str, threads: int = 1
+) -> int:
+    """Instructions of a whole process doing ``iterations`` (callgrind's total)."""
+    env = _child_env(name, target)
     with tempfile.TemporaryDirectory() as scratch:
         done = subprocess.run(
             [valgrind, "--tool=callgrind", f"--callgrind-out-file={scratch}/out",
@@ -203,12 +208,7 @@ def bytecodes_per_iteration(
     name: str, target: Target, workload: str, iterations: int, threads: int = 1
 ) -> tuple[float, dict[str, float]]:
     """Bytecodes per iteration of ``workload``, and herokupool's own per function."""
-    env = {
-        **os.environ,
-        "BENCH_CONFIG": json.dumps(spec(name, target)),
-        "PYTHONPATH": str(ROOT),
-        "PYTHONHASHSEED": "0",
-    }
+    env = _child_env(name, target)
     done = subprocess.run(
         [sys.executable, "-m", "bench.instructions",
          "--child", workload, str(iterations), str(threads), "bytecodes"],
@@ -280,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
 
     target = target_from_url(args.database_url or DEFAULT_URL)
     prepare_database(target)
+    unit, scale = ("bytecodes", 1) if args.bytecodes else ("k instr.", 1000)
     counted: dict[str, dict[str, float]] = {}
     owns: dict[str, dict[str, dict[str, float]]] = {}
     for workload in args.workloads:
@@ -295,10 +296,8 @@ def main(argv: list[str] | None = None) -> int:
                 assert valgrind is not None
                 value = per_iteration(name, target, workload, iterations, valgrind, threads)
             counted.setdefault(name, {})[workload] = value
-            shown = f"{value:.1f} bytecodes" if args.bytecodes else f"{value / 1000:.1f} k"
-            print(f"[instructions] {workload} {name}: {shown}", file=sys.stderr)
-    unit = "bytecodes" if args.bytecodes else "k instr."
-    print(report(counted, args.workloads, unit))
+            print(f"[instructions] {workload} {name}: {value / scale:.1f} {unit}", file=sys.stderr)
+    print(report(counted, args.workloads, unit, scale))
     for workload, by_config in owns.items():
         for name, own in by_config.items():
             print(
@@ -312,11 +311,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(
-    counted: dict[str, dict[str, float]], workloads: list[str], unit: str = "k instr."
+    counted: dict[str, dict[str, float]],
+    workloads: list[str],
+    unit: str = "k instr.",
+    scale: int = 1000,
 ) -> str:
-    """The markdown table: per iteration, k instructions (or bytecodes, ``unit``), and the
-    ratio to the native pool."""
-    scale = 1000 if unit.startswith("k ") else 1
+    """The markdown table: per iteration, the count divided by ``scale`` in ``unit`` (k
+    instructions, or bytecodes), and the ratio to the native pool."""
     base = counted.get("django-pool", {})
     header = " | ".join(f"{w} {unit} | {w} x native" for w in workloads)
     lines = [f"| configuration | {header} |", "|---" * (1 + 2 * len(workloads)) + "|"]
