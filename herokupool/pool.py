@@ -58,7 +58,7 @@ from typing import Any, Final
 
 from herokupool import _fork, drivers
 from herokupool._deadline import Deadline
-from herokupool._entries import Entries, Entry, State
+from herokupool._entries import _LENT_AT, Entries, Entry, State
 from herokupool._housekeeping import FILL, REPAIR, STOP, work
 from herokupool._redact import mask_driver_text
 from herokupool._waiting import Outcome, Waiter, WaitingLine
@@ -108,7 +108,6 @@ _IDLE = State.IDLE
 _OPENING = State.OPENING
 _RESERVED = State.RESERVED
 _HANDED = State.HANDED
-_LENT_AT = int(_LENT)  # the in-use count's index in Entries.counts: an exact int indexes faster
 
 _SERVED = Outcome.SERVED
 _SLOT = Outcome.SLOT
