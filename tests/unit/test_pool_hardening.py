@@ -163,6 +163,26 @@ def test_an_interruption_during_the_reset_on_release_discards_the_connection() -
     assert pool.borrow(timeout=0.1) is not conn
 
 
+def test_an_interruption_in_the_release_fast_path_discards_the_connection() -> None:
+    """``unchanged()`` answers the release's first question: an exception landing in it (a
+    signal handler's) leaves the session's state unknown, as one in the rollback does."""
+    asked: list[object] = []
+
+    def interrupted(conn: object) -> bool:
+        asked.append(conn)
+        raise Interrupted()
+
+    pool = make_pool(max_conns=1, unchanged=interrupted)
+    conn = pool.borrow()
+    with pytest.raises(Interrupted):
+        pool.release(conn)
+    assert asked == [conn]
+    assert conn.closed
+    stats = assert_exact(pool)
+    assert (stats["in_use"], stats["idle"], stats["connections_discarded"]) == (0, 0, 1)
+    assert pool.borrow(timeout=0.1) is not conn, "the slot is free again"
+
+
 def test_an_interruption_while_connecting_frees_the_slot() -> None:
     driver = FakeDriver()
     pool = make_pool(driver, max_conns=1)
