@@ -48,10 +48,11 @@ class State(enum.IntEnum):
     LENT = 4
 
 
-# The two states of the fast paths (lend_top, give_back): the members, for entry.state, and
-# plain ints, to index Entries.counts (CPython's quick list indexing takes exact ints only).
-_IDLE, _LENT = State.IDLE, State.LENT
-_IDLE_AT, _LENT_AT = int(_IDLE), int(_LENT)
+# The states of the fast paths (lend_top, give_back, hand_over, lend_handed): the members,
+# for entry.state, and plain ints, to index Entries.counts (CPython's quick list indexing
+# takes exact ints only).
+_IDLE, _HANDED, _LENT = State.IDLE, State.HANDED, State.LENT
+_IDLE_AT, _HANDED_AT, _LENT_AT = int(_IDLE), int(_HANDED), int(_LENT)
 
 
 class Entry:
@@ -188,6 +189,41 @@ class Entries:
         entry.state = _LENT
         conn = entry.conn
         entry.conn = None
+        entry.borrowed_at = now
+        entry.holder = holder
+        self.lent[entry.key] = entry
+        return conn
+
+    def hand_over(
+        self, entry: Entry, conn: Any, owner: weakref.ReferenceType[Any] | None, now: float
+    ) -> None:
+        """A lent ``entry`` comes back clean to be HANDED to a queued borrower (``owner``):
+        the release's step when someone waits (:meth:`move` for it, inlined)."""
+        lent = self.lent
+        key = entry.key
+        if lent.get(key) is entry:
+            del lent[key]
+        counts = self.counts
+        counts[_LENT_AT] -= 1
+        counts[_HANDED_AT] += 1
+        entry.state = _HANDED
+        entry.conn = conn
+        entry.owner = owner
+        entry.since = entry.last_used = now
+        entry.holder = None
+        entry.stack = None
+
+    def lend_handed(self, entry: Entry, now: float, holder: int) -> Any:
+        """:meth:`lend` for a HANDED entry, taken up by the borrower it was handed to: the
+        same step, inlined."""
+        counts = self.counts
+        counts[_HANDED_AT] -= 1
+        counts[_LENT_AT] += 1
+        self.borrows += 1
+        entry.state = _LENT
+        conn = entry.conn
+        entry.conn = None
+        entry.owner = None
         entry.borrowed_at = now
         entry.holder = holder
         self.lent[entry.key] = entry

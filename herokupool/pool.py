@@ -469,7 +469,7 @@ class ConnectionPool:
                     # Handed over clean by a release just now: lent in this step when the
                     # fast path would lend it, polled by the caller as the fast path does.
                     if self._lendable_as_is(entry, now) and not self._closed:
-                        conn = self._entries.lend(entry, now, get_ident())
+                        conn = self._entries.lend_handed(entry, now, get_ident())
                     else:
                         self._entries.move(entry, _RESERVED, entry.owner, now)
             elif waiter.give_up():
@@ -799,11 +799,14 @@ class ConnectionPool:
             if entry.state is not _LENT or conn is not entry.ref():
                 return  # given back twice at once: the other call took it
             if not self._closed:
-                if not self._waiting:
-                    self._entries.give_back(entry, conn, now)
-                    return
-                entry.last_used = now
-                self._hand_on(entry, conn, now)  # FIFO: straight to the oldest waiter
+                if self._waiting:
+                    # FIFO: straight to the oldest waiter (_hand_on's step, inlined).
+                    waiter, ref = self._line.next()
+                    if waiter is not None:
+                        self._entries.hand_over(entry, conn, ref, now)
+                        waiter.set(_SERVED, entry)  # last: it finds the entry HANDED to it
+                        return
+                self._entries.give_back(entry, conn, now)
                 return
             self._entries.remove(entry)
             self._counters[CONNECTIONS_CLOSED] += 1

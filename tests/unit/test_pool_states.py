@@ -415,3 +415,62 @@ def test_the_lent_index_follows_the_live_connection_when_a_lost_ones_id_is_reuse
     assert entries.lent[fresh.key] is fresh
     entries.give_back(fresh, live, 1.0)
     assert fresh.key not in entries.lent
+
+
+def test_the_hand_over_steps_end_where_the_general_steps_do() -> None:
+    """A release to a queued borrower and its take-up are inlined for speed
+    (``Entries.hand_over``, ``Entries.lend_handed``): each must leave the entry, the counts,
+    the lent index and the borrow count exactly as the general steps (``move`` to HANDED,
+    ``lend``) do, and nothing for the audit to mend."""
+    import weakref
+
+    from herokupool._entries import Entries, Entry, State
+    from tests.unit.fakes import FakeConnection
+
+    conn = FakeConnection()
+
+    class Owner:
+        pass
+
+    owner = Owner()
+    ref = weakref.ref(owner)
+    fields = ("state", "conn", "owner", "since", "last_used", "borrowed_at", "holder", "stack")
+
+    def lent_once() -> tuple[Entries, Entry]:
+        entries, entry = Entries(), Entry(0.0, None)
+        entry.attach(conn, 0.0, None, lambda ref: None, FakeConnection.fileno)
+        entries.add(entry)
+        entries.lend(entry, 1.0, 111)
+        entry.stack = ["the first borrower's stack"]
+        return entries, entry
+
+    def seen(entries: Entries, entry: Entry) -> tuple[Any, ...]:
+        return (
+            *(getattr(entry, name) for name in fields),
+            list(entries.counts),
+            {key: indexed is entry for key, indexed in entries.lent.items()},
+            entries.borrows,
+            entries.audit(),
+        )
+
+    general, g = lent_once()
+    inlined, i = lent_once()
+    # Handed over: no holder, no stack while nobody holds it; last used when released.
+    g.last_used = 2.0
+    general.move(g, State.HANDED, ref, 2.0)
+    g.conn, g.holder, g.stack = conn, None, None
+    inlined.hand_over(i, conn, ref, 2.0)
+    assert seen(inlined, i) == seen(general, g)
+    assert i.state is State.HANDED
+    assert i.owner is ref
+    assert i.conn is conn
+    assert seen(inlined, i)[-3:] == ({}, 1, [])
+    # Taken up by the borrower it was handed to.
+    assert general.lend(g, 3.0, 222) is conn
+    assert inlined.lend_handed(i, 3.0, 222) is conn
+    assert seen(inlined, i) == seen(general, g)
+    assert i.state is State.LENT
+    assert i.owner is None
+    assert i.conn is None
+    assert i.holder == 222
+    assert seen(inlined, i)[-3:] == ({i.key: True}, 2, [])
