@@ -48,7 +48,7 @@ class State(enum.IntEnum):
     LENT = 4
 
 
-# The states of the fast paths (lend_top, give_back, hand_over, lend_handed): the members,
+# The states of the fast paths (lend_top, give_back): the members,
 # for entry.state, and plain ints, to index Entries.counts (CPython's quick list indexing
 # takes exact ints only).
 _IDLE, _HANDED, _LENT = State.IDLE, State.HANDED, State.LENT
@@ -179,51 +179,22 @@ class Entries:
         self.lent[entry.key] = entry
         return conn
 
-    def lend_top(self, now: float, holder: int) -> Any:
-        """:meth:`lend` for the top of the idle stack, the fast path: the same step, inlined."""
-        entry = self.idle.pop()
+    def lend_top(self, now: float, holder: int, handed: Entry | None = None) -> Any:
+        """:meth:`lend` for the top of the idle stack (the fast path), or for ``handed``, an
+        entry HANDED to the borrower now taking it up: the same step, inlined."""
         counts = self.counts
-        counts[_IDLE_AT] -= 1
+        if handed is None:
+            entry = self.idle.pop()
+            counts[_IDLE_AT] -= 1
+        else:
+            entry = handed
+            counts[_HANDED_AT] -= 1
+            entry.owner = None
         counts[_LENT_AT] += 1
         self.borrows += 1
         entry.state = _LENT
         conn = entry.conn
         entry.conn = None
-        entry.borrowed_at = now
-        entry.holder = holder
-        self.lent[entry.key] = entry
-        return conn
-
-    def hand_over(
-        self, entry: Entry, conn: Any, owner: weakref.ReferenceType[Any] | None, now: float
-    ) -> None:
-        """A lent ``entry`` comes back clean to be HANDED to a queued borrower (``owner``):
-        the release's step when someone waits (:meth:`move` for it, inlined)."""
-        lent = self.lent
-        key = entry.key
-        if lent.get(key) is entry:
-            del lent[key]
-        counts = self.counts
-        counts[_LENT_AT] -= 1
-        counts[_HANDED_AT] += 1
-        entry.state = _HANDED
-        entry.conn = conn
-        entry.owner = owner
-        entry.since = entry.last_used = now
-        entry.holder = None
-        entry.stack = None
-
-    def lend_handed(self, entry: Entry, now: float, holder: int) -> Any:
-        """:meth:`lend` for a HANDED entry, taken up by the borrower it was handed to: the
-        same step, inlined."""
-        counts = self.counts
-        counts[_HANDED_AT] -= 1
-        counts[_LENT_AT] += 1
-        self.borrows += 1
-        entry.state = _LENT
-        conn = entry.conn
-        entry.conn = None
-        entry.owner = None
         entry.borrowed_at = now
         entry.holder = holder
         self.lent[entry.key] = entry
@@ -246,22 +217,35 @@ class Entries:
             entry.conn = conn
         self.borrows -= 1
 
-    def give_back(self, entry: Entry, conn: Any, now: float) -> None:
-        """A lent ``entry`` comes back clean: IDLE, on top of the stack (:meth:`shelve` for
-        the fast path, inlined)."""
+    def give_back(
+        self,
+        entry: Entry,
+        conn: Any,
+        now: float,
+        owner: weakref.ReferenceType[Any] | None = None,
+    ) -> None:
+        """A lent ``entry`` comes back clean: IDLE, on top of the stack, or HANDED to the
+        queued borrower ``owner`` (:meth:`shelve` and :meth:`move` for the release, inlined).
+        Nobody holds it either way: no holder, no borrower's stack."""
         lent = self.lent
         key = entry.key
         if lent.get(key) is entry:
             del lent[key]
         counts = self.counts
         counts[_LENT_AT] -= 1
-        counts[_IDLE_AT] += 1
-        entry.state = _IDLE
         entry.conn = conn
         entry.last_used = now
         entry.holder = None
         entry.stack = None
-        self.idle.append(entry)
+        if owner is None:
+            counts[_IDLE_AT] += 1
+            entry.state = _IDLE
+            self.idle.append(entry)
+        else:
+            counts[_HANDED_AT] += 1
+            entry.state = _HANDED
+            entry.owner = owner
+            entry.since = now
 
     def shelve(self, entry: Entry, conn: Any, *, bottom: bool = False) -> None:
         """Move ``entry`` (with its connection) to IDLE, on top of the stack (or at the

@@ -469,7 +469,7 @@ class ConnectionPool:
                     # Handed over clean by a release just now: lent in this step when the
                     # fast path would lend it, polled by the caller as the fast path does.
                     if self._lendable_as_is(entry, now) and not self._closed:
-                        conn = self._entries.lend_handed(entry, now, get_ident())
+                        conn = self._entries.lend_top(now, get_ident(), entry)
                     else:
                         self._entries.move(entry, _RESERVED, entry.owner, now)
             elif waiter.give_up():
@@ -803,7 +803,7 @@ class ConnectionPool:
                     # FIFO: straight to the oldest waiter (_hand_on's step, inlined).
                     waiter, ref = self._line.next()
                     if waiter is not None:
-                        self._entries.hand_over(entry, conn, ref, now)
+                        self._entries.give_back(entry, conn, now, ref)
                         waiter.set(_SERVED, entry)  # last: it finds the entry HANDED to it
                         return
                 self._entries.give_back(entry, conn, now)

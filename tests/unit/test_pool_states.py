@@ -419,9 +419,9 @@ def test_the_lent_index_follows_the_live_connection_when_a_lost_ones_id_is_reuse
 
 def test_the_hand_over_steps_end_where_the_general_steps_do() -> None:
     """A release to a queued borrower and its take-up are inlined for speed
-    (``Entries.hand_over``, ``Entries.lend_handed``): each must leave the entry, the counts,
-    the lent index and the borrow count exactly as the general steps (``move`` to HANDED,
-    ``lend``) do, and nothing for the audit to mend."""
+    (``Entries.give_back`` with an owner, ``Entries.lend_top`` with the entry): each must leave the
+    entry, the counts, the lent index and the borrow count exactly as the general steps
+    (``move`` to HANDED, ``lend``) do, and nothing for the audit to mend."""
     import weakref
 
     from herokupool._entries import Entries, Entry, State
@@ -459,7 +459,7 @@ def test_the_hand_over_steps_end_where_the_general_steps_do() -> None:
     g.last_used = 2.0
     general.move(g, State.HANDED, ref, 2.0)
     g.conn, g.holder, g.stack = conn, None, None
-    inlined.hand_over(i, conn, ref, 2.0)
+    inlined.give_back(i, conn, 2.0, ref)
     assert seen(inlined, i) == seen(general, g)
     assert i.state is State.HANDED
     assert i.owner is ref
@@ -467,7 +467,7 @@ def test_the_hand_over_steps_end_where_the_general_steps_do() -> None:
     assert seen(inlined, i)[-3:] == ({}, 1, [])
     # Taken up by the borrower it was handed to.
     assert general.lend(g, 3.0, 222) is conn
-    assert inlined.lend_handed(i, 3.0, 222) is conn
+    assert inlined.lend_top(3.0, 222, i) is conn
     assert seen(inlined, i) == seen(general, g)
     assert i.state is State.LENT
     assert i.owner is None
