@@ -10,7 +10,13 @@ machine as on a quiet one. The workloads:
   connection handling (the timed figure is ``make bench``'s ``connect+close us`` column);
 - ``item`` and ``prepared``: one request through Django's WSGI handler, as the benchmark's
   worker sends them (``bench/app/views.py``: one ORM lookup; three ORM queries), request
-  end included (``request_finished``: ``close_old_connections()``).
+  end included (``request_finished``: ``close_old_connections()``);
+- ``handover``: the waited borrow alone, without the noise of threads racing. A pool of one
+  connection and two threads that take turns: each ``ensure_connection()`` queues behind the
+  other thread's connection and is served by its ``close()``. One iteration is one waited
+  connect plus the close that hands the connection on (the pools' waiting lines, their
+  hand-over and wake-up, Django's connect+close). Not for the floor, which has no pool to wait
+  on.
 
 With ``--threads N`` (N > 1) the request workloads run from N threads sharing the requests,
 each with its own Django connection, as the benchmark's worker runs its T=8 and T=32 rounds:
@@ -47,6 +53,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -61,21 +68,28 @@ WARM_UP = 300
 _COLLECTED = re.compile(r"Collected : (\d+)")
 
 
-def spec(name: str, target: Target) -> dict[str, Any]:
-    """The BENCH_CONFIG of ``name``; the floor is Django's own backend on psycopg 3."""
+def spec(name: str, target: Target, size: int = 4) -> dict[str, Any]:
+    """The BENCH_CONFIG of ``name`` with ``size`` pooled connections; the floor is Django's
+    own backend on psycopg 3."""
     if name == FLOOR:
         config = next(c for c in CONFIGS if c.name == "django-pool")
-        described = config.spec(target, size=4, timeout=10.0)
+        described = config.spec(target, size=size, timeout=10.0)
         database = described["database"]
         database["ENGINE"] = "bench.floor"
         database["OPTIONS"] = {"application_name": "bench-floor"}
         return {**described, "name": FLOOR}
     config = next(c for c in CONFIGS if c.name == name)
-    return config.spec(target, size=4, timeout=10.0)
+    return config.spec(target, size=size, timeout=10.0)
 
 
-#: workload -> the path prefix of its request (None: connect+close alone)
-WORKLOADS: dict[str, str | None] = {"connect": None, "item": "/item/", "prepared": "/prepared/"}
+#: workload -> the path prefix of its request (None: connection handling alone)
+WORKLOADS: dict[str, str | None] = {
+    "connect": None,
+    "item": "/item/",
+    "prepared": "/prepared/",
+    "handover": None,
+}
+HANDOVER = "handover"
 
 
 def child(workload: str, iterations: int, threads: int = 1, bytecodes: bool = False) -> None:
@@ -89,6 +103,9 @@ def child(workload: str, iterations: int, threads: int = 1, bytecodes: bool = Fa
     django.setup()
     from django.db import connection
 
+    if workload == HANDOVER:
+        _child_handover(iterations, bytecodes)
+        return
     prefix = WORKLOADS[workload]
     if prefix is None:
         end_request = connection.close_if_unusable_or_obsolete
@@ -114,7 +131,11 @@ def child(workload: str, iterations: int, threads: int = 1, bytecodes: bool = Fa
     if not bytecodes:
         run(once, WARM_UP, iterations, threads)
         return
-    per_code = bytecodes_of(lambda: run(once, WARM_UP, iterations, threads))
+    _print_bytecodes(bytecodes_of(lambda: run(once, WARM_UP, iterations, threads)))
+
+
+def _print_bytecodes(per_code: dict[Any, int]) -> None:
+    """The child's answer: every bytecode counted, and herokupool's own per function."""
     ours = str(ROOT / "herokupool")
     total = sum(per_code.values())
     own = {
@@ -123,6 +144,68 @@ def child(workload: str, iterations: int, threads: int = 1, bytecodes: bool = Fa
         if code.co_filename.startswith(ours)
     }
     print(json.dumps({"total": total, "herokupool": own}))
+
+
+def _child_handover(iterations: int, bytecodes: bool) -> None:
+    """The ``handover`` workload in the measured process: the warm-up's turns, then
+    ``iterations`` waited connects (see the module's docstring)."""
+    from django.db import connection
+
+    # The pool's waiting line, read with len() alone (a deque in both pools: no Python code
+    # of theirs runs for it); found while this thread holds the connection.
+    connection.ensure_connection()
+    pool = getattr(connection, "_herokupool_pool", None) or connection.pool
+    waiting = pool._waiting.__len__
+    connection.close()
+    take_turns(waiting, WARM_UP)
+    gc.collect()
+    gc.disable()
+    if not bytecodes:
+        take_turns(waiting, iterations)
+        return
+    per_code = bytecodes_of(lambda: take_turns(waiting, iterations))
+    # The turn-taking's own waiting (a loop until the other thread queues) depends on how
+    # the threads are scheduled, not on the pool: not counted.
+    per_code.pop(_until_queued.__code__, None)
+    _print_bytecodes(per_code)
+
+
+def take_turns(waiting: Callable[[], int], count: int) -> None:
+    """``count`` waited connects (rounded up to even) from two threads sharing a pool of one
+    connection: each connects while the other holds the connection, and closes once the
+    other is queued, handing it over."""
+    from django.db import connection
+
+    turns = (count + 1) // 2
+    failed: list[BaseException] = []
+
+    def play(first: bool) -> None:
+        try:
+            for turn in range(turns):
+                connection.ensure_connection()  # queued until the other thread's close()
+                if not first and turn == turns - 1:
+                    break  # the last turn: nobody left to hand over to
+                _until_queued(waiting)
+                connection.close()  # served: the queued thread has it
+        except BaseException as error:  # reported by the main thread
+            failed.append(error)
+        finally:
+            connection.close()
+
+    connection.ensure_connection()  # held while the other thread queues for it
+    other = threading.Thread(target=play, args=(True,))
+    other.start()
+    _until_queued(waiting)
+    connection.close()
+    play(False)
+    other.join()
+    if failed:
+        raise failed[0]
+
+
+def _until_queued(waiting: Callable[[], int]) -> None:
+    while not waiting():
+        time.sleep(0)  # lets the other thread run
 
 
 def bytecodes_of(work: Callable[[], None]) -> dict[Any, int]:
@@ -176,11 +259,13 @@ def run(once: Callable[[int], None], start: int, count: int, threads: int) -> No
         raise failed[0]
 
 
-def _child_env(name: str, target: Target) -> dict[str, str]:
-    """The measured child's environment: configuration ``name``, the hash seed fixed."""
+def _child_env(name: str, target: Target, workload: str) -> dict[str, str]:
+    """The measured child's environment: configuration ``name`` (one pooled connection for
+    ``handover``, else four), the hash seed fixed."""
+    size = 1 if workload == HANDOVER else 4
     return {
         **os.environ,
-        "BENCH_CONFIG": json.dumps(spec(name, target)),
+        "BENCH_CONFIG": json.dumps(spec(name, target, size)),
         "PYTHONPATH": str(ROOT),
         "PYTHONHASHSEED": "0",
     }
@@ -190,7 +275,7 @@ def count(
     name: str, target: Target, workload: str, iterations: int, valgrind: str, threads: int = 1
 ) -> int:
     """Instructions of a whole process doing ``iterations`` (callgrind's total)."""
-    env = _child_env(name, target)
+    env = _child_env(name, target, workload)
     with tempfile.TemporaryDirectory() as scratch:
         done = subprocess.run(
             [valgrind, "--tool=callgrind", f"--callgrind-out-file={scratch}/out",
@@ -208,7 +293,7 @@ def bytecodes_per_iteration(
     name: str, target: Target, workload: str, iterations: int, threads: int = 1
 ) -> tuple[float, dict[str, float]]:
     """Bytecodes per iteration of ``workload``, and herokupool's own per function."""
-    env = _child_env(name, target)
+    env = _child_env(name, target, workload)
     done = subprocess.run(
         [sys.executable, "-m", "bench.instructions",
          "--child", workload, str(iterations), str(threads), "bytecodes"],
@@ -288,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         iterations = args.iterations if connect_only else args.requests
         threads = 1 if connect_only else args.threads
         for name in args.configs:
+            if workload == HANDOVER and name == FLOOR:
+                continue  # no pool, nothing to wait for
             if args.bytecodes:
                 value, own = bytecodes_per_iteration(name, target, workload, iterations, threads)
                 if own:
@@ -324,7 +411,10 @@ def report(
     for name, values in counted.items():
         cells = []
         for workload in workloads:
-            value = values[workload]
+            value = values.get(workload)
+            if value is None:  # not measured for this configuration
+                cells.append("- | -")
+                continue
             ratio = f"{value / base[workload]:.3f}x" if base.get(workload) else "-"
             cells.append(f"{value / scale:.1f} | {ratio}")
         lines.append(f"| {name} | {' | '.join(cells)} |")
