@@ -32,7 +32,7 @@ help:
 	@echo "make format       ruff's fixes and formatting, applied"
 	@echo "make bench        the benchmark against peers"
 	@echo "make bench-quick  a short run of the benchmark"
-	@echo "make bench-instructions  connect+close and requests in CPU instructions (valgrind)"
+	@echo "make bench-instructions  connect+close, waited connects and requests in CPU instructions (valgrind)"
 	@echo "make faults       restarts, killed backends, outage, full server, new password, soak (both drivers)"
 	@echo "make fleet        fleet sizing: 2/8/32 processes vs max_connections 20, direct and via PgBouncer"
 	@echo "make clean        remove .venv, .venv-pg3, tox's environments, build output and tool caches"
