@@ -48,9 +48,8 @@ class State(enum.IntEnum):
     LENT = 4
 
 
-# The states of the fast paths (lend_top, give_back): the members,
-# for entry.state, and plain ints, to index Entries.counts (CPython's quick list indexing
-# takes exact ints only).
+# The states of the fast paths (lend_top, give_back): the members, for entry.state, and plain
+# ints, to index Entries.counts (CPython's quick list indexing takes exact ints only).
 _IDLE, _HANDED, _LENT = State.IDLE, State.HANDED, State.LENT
 _IDLE_AT, _HANDED_AT, _LENT_AT = int(_IDLE), int(_HANDED), int(_LENT)
 
