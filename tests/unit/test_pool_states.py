@@ -474,3 +474,53 @@ def test_the_hand_over_steps_end_where_the_general_steps_do() -> None:
     assert i.conn is None
     assert i.holder == 222
     assert seen(inlined, i)[-3:] == ({i.key: True}, 2, [])
+
+
+@pytest.mark.parametrize("step", ["give_back", "set"])
+def test_an_interruption_in_the_releases_hand_over_strands_nothing(
+    monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    """An exception (a signal handler's) landing in the release as it hands the connection
+    to a queued borrower, before the entry moved (``give_back``) or before the borrower was
+    told (``Waiter.set``): the borrower was not served and times out; once the releaser's and
+    the borrower's frames are gone, the pool's thread puts the entry right (the connection
+    back on the idle stack, or its slot freed) and the counts are exact."""
+    from herokupool._entries import Entries
+    from herokupool._waiting import Waiter
+
+    driver = FakeDriver(keep=False)
+    pool = make_pool(driver, max_conns=1, timeout=0.3)
+    held = pool.borrow()
+    thread, outcome = queue_borrower(pool, "queued")
+    owner, name = (Entries, "give_back") if step == "give_back" else (Waiter, "set")
+    real = getattr(owner, name)
+
+    def interrupted(self: Any, *args: Any) -> Any:
+        if step == "set" or len(args) == 4:  # give_back with an owner: the hand-over's
+            monkeypatch.setattr(owner, name, real)
+            raise Interrupted("injected")
+        return real(self, *args)
+
+    monkeypatch.setattr(owner, name, interrupted)
+    with pytest.raises(Interrupted):
+        pool.release(held)
+    thread.join(5)
+    assert isinstance(outcome[0], PoolTimeout), outcome
+    outcome.clear()  # its traceback held the borrow's frames, and so its waiter
+    if step == "give_back":
+        del held  # the releaser's frames are gone: nobody holds the connection
+    gc.collect()
+    pool.run_maintenance()
+    stats = exact(pool)
+    assert (stats["in_use"], stats["waiting"], stats["connecting"]) == (0, 0, 0), stats
+    assert driver.open_count == stats["idle"], (driver.open_count, stats)
+    conn = pool.borrow(timeout=0.1)
+    if step == "set":  # handed over clean, never used: back on the idle stack
+        assert stats["idle"] == 1
+        assert conn is held
+    else:  # freed with the releaser's frames: its slot is free for a new one
+        assert stats["idle"] == 0
+        assert driver.count == 2
+    assert not conn.closed
+    pool.release(conn)
+    assert exact(pool)["idle"] == 1
