@@ -82,14 +82,14 @@ def spec(name: str, target: Target, size: int = 4) -> dict[str, Any]:
     return config.spec(target, size=size, timeout=10.0)
 
 
+HANDOVER = "handover"
 #: workload -> the path prefix of its request (None: connection handling alone)
 WORKLOADS: dict[str, str | None] = {
     "connect": None,
     "item": "/item/",
     "prepared": "/prepared/",
-    "handover": None,
+    HANDOVER: None,
 }
-HANDOVER = "handover"
 
 
 def child(workload: str, iterations: int, threads: int = 1, bytecodes: bool = False) -> None:
