@@ -380,16 +380,15 @@ class ConnectionPool:
     def _borrow_slowly(self, timeout: float) -> Any:
         """Validate, open or wait: every borrow the fast path could not serve.
 
-        ``waiter`` is this borrow's token: it owns whatever entry the borrow works on, so
-        an entry left behind by an exception (even one landing in the clean-up below) is
-        stranded with a dead owner, which the pool's thread puts right.
+        ``waiter`` is this borrow's token (one per turn in line): it owns whatever entry the
+        borrow works on, so an entry left behind by an exception (even one landing in the
+        clean-up below) is stranded with a dead owner, which the pool's thread puts right.
         """
         waiter = Waiter()
         started: float | None = None
-        keep_turn = False
         try:
+            entry = self._claim(waiter, False)
             while True:
-                entry = self._claim(waiter, keep_turn)
                 if entry is None:  # queued
                     started = self._clock()
                     self._window.note_waiting(len(self._waiting), started)
@@ -405,33 +404,42 @@ class ConnectionPool:
                 if entry.state is _OPENING:
                     return self._open(entry, started)
                 problem = self._check(entry, started, timeout)
-                conn = self._lend_checked(entry, problem, started)
+                conn, entry = self._lend_checked(entry, problem, started, waiter)
                 if conn is not None:
                     return conn
-                keep_turn = True  # replaced in the same turn: the slot it freed is ours
+                if entry is None:
+                    # It had been put right meanwhile: a new turn, in a new place in line if
+                    # it must queue (a waiter is served once), but not shed by max_waiting.
+                    waiter = Waiter()
+                    entry = self._claim(waiter, True)
         except BaseException:
             self._abandon(waiter)
             raise
 
-    def _claim(self, waiter: Waiter, keep_turn: bool) -> Entry | None:
+    def _take(self, waiter: Waiter) -> Entry | None:
         """Take the top idle connection (RESERVED for checking) or a free slot (OPENING),
-        owned by ``waiter``; else queue ``waiter`` and return None."""
+        owned by ``waiter``; None when there is neither.  Must be called with the lock held."""
+        entries = self._entries
+        if entries.idle:
+            entry = entries.idle[-1]
+            entries.move(entry, _RESERVED, weakref.ref(waiter, self._on_lost), self._clock())
+        elif len(entries.all) < self.max_conns:
+            entry = Entry(self._clock(), weakref.ref(waiter, self._on_lost))
+            entries.add(entry)
+        else:
+            return None
+        waiter.entry = entry
+        return entry
+
+    def _claim(self, waiter: Waiter, keep_turn: bool) -> Entry | None:
+        """:meth:`_take`; else queue ``waiter`` and return None."""
         overloaded = None
         with self._lock:
             if self._closed:
                 raise PoolClosed(f"pool {self.name!r} is closed")
             entries = self._entries
-            if entries.idle:
-                entry = entries.idle[-1]
-                owner = weakref.ref(waiter, self._on_lost)
-                entries.move(entry, _RESERVED, owner, self._clock())
-                waiter.entry = entry
-                return entry
-            if len(entries.all) < self.max_conns:
-                entry = Entry(self._clock(), weakref.ref(waiter, self._on_lost))
-                entries.add(entry)
-                waiter.entry = entry
-                return entry
+            if entries.idle or len(entries.all) < self.max_conns:
+                return self._take(waiter)
             if not keep_turn and self.max_waiting is not None:
                 if len(self._line) >= self.max_waiting:
                     self._line.prune()  # a borrower that left does not count
@@ -559,24 +567,34 @@ class ConnectionPool:
             return "validation got no answer in time; the connection was cut"
         return None
 
-    def _lend_checked(self, entry: Entry, problem: str | None, started: float | None) -> Any:
-        """Lend a checked entry, or drop it (``problem``) and return None."""
-        close = None
+    def _lend_checked(
+        self, entry: Entry, problem: str | None, started: float | None, waiter: Waiter
+    ) -> tuple[Any, Entry | None]:
+        """Lend a checked entry (the connection, None); or drop it (``problem``) and keep its
+        slot for this borrow, ``waiter``'s turn: (None, the slot, OPENING), or (None, None)
+        when it was put right meanwhile (no longer ``waiter``'s)."""
+        close = replacement = None
         with self._lock:
             now = self._clock()
-            if problem is None and entry.state is _RESERVED and not self._closed:
+            owner = entry.owner
+            ours = entry.state is _RESERVED and owner is not None and owner() is waiter
+            if problem is None and ours and not self._closed:
                 conn = self._entries.lend(entry, now, get_ident())
                 in_use = self._entries.counts[_LENT]
             else:
                 conn = None
-                if entry.state is _RESERVED:
-                    close = self._entries.remove(entry)
-                    lost = problem not in ("recycled", "moved") and not self._closed
-                    self._counters[CONNECTIONS_LOST if lost else CONNECTIONS_CLOSED] += 1
                 closed = self._closed
+                if ours:
+                    close = self._entries.remove(entry)
+                    lost = problem not in ("recycled", "moved") and not closed
+                    self._counters[CONNECTIONS_LOST if lost else CONNECTIONS_CLOSED] += 1
+                    if not closed:
+                        # Replaced in the same turn: a borrower arriving now does not take
+                        # the slot it freed from one that may have queued for it.
+                        replacement = self._take(waiter)
         if conn is not None:
             self._lent(entry, in_use, now, started)
-            return conn
+            return conn, None
         if close is not None:
             self._close_quietly(close)
         if closed:
@@ -586,7 +604,7 @@ class ConnectionPool:
                 "pool %r: discarded a dead connection on borrow (%s)", self.name, problem
             )
             self._sweep()  # a restart ends them all: find the others now
-        return None
+        return None, replacement
 
     def _open(self, entry: Entry, started: float | None) -> Any:
         """Open a connection in the OPENING ``entry`` (a slot this borrow owns) and lend it.

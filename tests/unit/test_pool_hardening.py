@@ -32,6 +32,9 @@ def assert_exact(pool: ConnectionPool) -> dict[str, int | float]:
     stats = pool.stats()
     assert stats["borrows"] == stats["releases"] + stats["in_use"], stats
     assert stats["in_use"] + stats["idle"] + stats["connecting"] <= stats["max"], stats
+    # Every connection opened is accounted for once: closed, dropped, or in the pool now.
+    gone = sum(stats[f"connections_{how}"] for how in ("closed", "discarded", "lost"))
+    assert stats["connections_created"] == gone + stats["idle"] + stats["in_use"], stats
     return stats
 
 
@@ -379,6 +382,54 @@ def test_a_waiter_handed_a_dead_connection_keeps_its_turn() -> None:
     assert [name for name, _ in served] == ["first", "second"]
     pool.release(served[1][1])
     assert_exact(pool)
+
+
+def test_a_waiter_handed_a_dead_connection_keeps_the_slot_it_freed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The slot a waiter frees by dropping the dead connection it was handed stays its own: a
+    borrower arriving meanwhile does not take it, and the waiter is lent a new connection at
+    once.  (It used to go round again without the slot: when the arrival took it, the waiter
+    queued again, but a waiter served once could never be served again; it waited its whole
+    timeout, then took its first turn's dead connection for a new one and counted it closed
+    a second time.)"""
+    driver = FakeDriver()
+    pool = make_pool(driver, max_conns=1, timeout=30)
+    held = pool.borrow()
+    sweep = ConnectionPool._sweep
+    arrivals: list[Any] = []
+
+    def dropped_then_arrival(self: ConnectionPool) -> int:
+        # The waiter dropped the dead connection and looks for others like it: a borrower
+        # arrives meanwhile.
+        if not arrivals:
+            try:
+                arrivals.append(pool.borrow(timeout=0))
+            except PoolTimeout as error:
+                arrivals.append(error)
+        return sweep(self)
+
+    monkeypatch.setattr(ConnectionPool, "_sweep", dropped_then_arrival)
+    got: list[Any] = []
+    thread = threading.Thread(target=lambda: got.append(pool.borrow()))
+    thread.start()
+    assert wait_until(lambda: pool.stats()["waiting"] == 1)
+    held.kill()  # dies on its way back: the waiter finds it dead
+    pool.release(held)
+    thread.join(timeout=5)
+    try:
+        assert not thread.is_alive(), "the waiter was not lent a connection"
+        assert [type(arrival) for arrival in arrivals] == [PoolTimeout], arrivals
+        assert got == [driver.opened[-1]]
+        assert got[0] is not held
+    finally:
+        for conn in [*got, *arrivals]:
+            if not isinstance(conn, PoolTimeout):
+                pool.release(conn)
+        pool.close()
+    stats = assert_exact(pool)
+    assert (stats["connections_created"], stats["connections_lost"]) == (2, 1), stats
+    assert (stats["connections_closed"], stats["connections_discarded"]) == (1, 0), stats
 
 
 @pytest.mark.parametrize("meanwhile", ["killed", "notified", "interrupted"])
