@@ -432,6 +432,40 @@ def test_a_waiter_handed_a_dead_connection_keeps_the_slot_it_freed(
     assert (stats["connections_closed"], stats["connections_discarded"]) == (1, 0), stats
 
 
+@pytest.mark.parametrize("kept", ["slot", "idle"])
+def test_an_interruption_after_a_dead_connection_was_dropped_strands_nothing(
+    monkeypatch: pytest.MonkeyPatch, kept: str
+) -> None:
+    """An exception (a signal handler's) landing just after a borrower dropped a dead
+    connection, while it owns what replaced it (a free slot, or the top idle connection
+    reserved for checking): the borrower gets the exception, what it owned is put right at
+    once, every connection is counted once, and the pool lends again."""
+    driver = FakeDriver()
+    pool = make_pool(driver, max_conns=2, timeout=5)
+    dead = pool.borrow()
+    if kept == "idle":
+        pool.release(pool.borrow())  # another one, idle under the dead one
+    pool.release(dead)  # on top: the next borrow takes it
+    dead.kill()
+    pool.validate_after = 0  # a query before every borrow: the death is found by the check
+    sweep = ConnectionPool._sweep
+
+    def interrupted(self: ConnectionPool) -> int:
+        monkeypatch.setattr(ConnectionPool, "_sweep", sweep)  # once
+        raise Interrupted
+
+    monkeypatch.setattr(ConnectionPool, "_sweep", interrupted)
+    with pytest.raises(Interrupted):
+        pool.borrow()
+    stats = assert_exact(pool)
+    assert (stats["in_use"], stats["connecting"], stats["connections_lost"]) == (0, 0, 1), stats
+    assert stats["connections_discarded"] == (1 if kept == "idle" else 0), stats
+    conn = pool.borrow()
+    assert not conn.closed
+    pool.release(conn)
+    assert_exact(pool)
+
+
 @pytest.mark.parametrize("meanwhile", ["killed", "notified", "interrupted"])
 def test_a_connection_handed_to_a_waiter_is_polled_before_it_is_lent(
     monkeypatch: pytest.MonkeyPatch, meanwhile: str
