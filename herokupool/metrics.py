@@ -120,11 +120,11 @@ class _Slot:
 class WaitWindow:
     """Borrow waits, timeouts and peaks over the last ``window`` seconds.
 
-    ``note_in_use`` runs on every borrow and ``note_waiting`` on every wait, so they take no
-    lock and do two comparisons and an increment at most; everything else runs after a
-    borrower already waited (or when stats are read) and takes the window's own lock, never
-    the pool's.  The window advances in ``window / slots`` steps: a snapshot covers the last
-    ``window`` seconds and at most one step more.
+    ``note_in_use`` runs on every borrow, ``note_waiting`` and ``record_wait`` on every wait,
+    so they take no lock but when a slot ends; everything else (a timeout, a shed borrow,
+    stats read) takes the window's own lock, never the pool's.  The window advances in
+    ``window / slots`` steps: a snapshot covers the last ``window`` seconds and at most one
+    step more.
     """
 
     def __init__(
@@ -179,9 +179,15 @@ class WaitWindow:
             self._peak_waiting = waiting
 
     def record_wait(self, waited: float, now: float) -> None:
-        """A borrower that queued was served after ``waited`` seconds."""
-        with self._lock:
-            self._add_wait(self._advance(now), waited)
+        """A borrower that queued was served after ``waited`` seconds.  Lock-free but when a
+        slot ends, as :meth:`note_in_use` is: ``_add_wait`` calls nothing between reading a
+        field and storing it but ``len()`` and the random number (a wait racing another may
+        then overwrite its sample, or keep one sample more than the slot's share), and a wait
+        racing a slot change is counted in the slot it read, which the window still holds."""
+        if now >= self._until:
+            with self._lock:
+                self._advance(now)
+        self._add_wait(self._current, waited)
 
     def record_timeout(self, waited: float, now: float) -> None:
         """A borrower gave up after ``waited`` seconds (a PoolTimeout).
@@ -220,22 +226,21 @@ class WaitWindow:
         if now < self._until:
             return self._current
         current = self._current
+        # Read and reset the lock-free fields with no call in between: no other thread runs
+        # there, so what it adds is in the slot ending or in the next, never lost.
+        borrows, peak_in_use, peak_waiting = self._borrows, self._peak_in_use, self._peak_waiting
+        self._borrows = self._peak_in_use = self._peak_waiting = 0
         if current.start != float("-inf"):
-            self._settle(current)
+            current.borrows = borrows
+            current.peak_in_use = peak_in_use
+            current.peak_waiting = peak_waiting
             self._done.append(current)
         start = math.floor(now / self._step) * self._step
+        if start + self._step <= now:  # a step that floats cannot hold exactly (0.1 s)
+            start += self._step
         self._current = _Slot(start)
-        self._borrows = 0
-        self._peak_in_use = 0
-        self._peak_waiting = 0
         self._until = start + self._step
         return self._current
-
-    def _settle(self, current: _Slot) -> None:
-        """Copy the lock-free fields into the current slot.  With the window's lock held."""
-        current.borrows = self._borrows
-        current.peak_in_use = self._peak_in_use
-        current.peak_waiting = self._peak_waiting
 
     # ------------------------------------------------------------------ reading
 
@@ -248,7 +253,9 @@ class WaitWindow:
         """
         with self._lock:
             current = self._advance(now)
-            self._settle(current)
+            # The current slot's lock-free fields, which it gets only when it ends.
+            borrows = self._borrows
+            peak_in_use, peak_waiting = self._peak_in_use, self._peak_waiting
             oldest = now - self.window
             slots = [slot for slot in self._done if slot.start + self._step > oldest]
             slots.append(current)
@@ -260,7 +267,7 @@ class WaitWindow:
                     [slot.waits / len(slot.samples)] * len(slot.samples) for slot in sampled
                 )
             )
-            borrows = sum(slot.borrows for slot in slots)
+            borrows += sum(slot.borrows for slot in slots)
             waits = sum(slot.waits for slot in slots)
             timeouts = sum(slot.timeouts for slot in slots)
             result: dict[str, int | float] = {
@@ -270,8 +277,8 @@ class WaitWindow:
                 RECENT_SLOW_WAITS: sum(slot.slow for slot in slots),
                 RECENT_TIMEOUTS: timeouts,
                 RECENT_SHED: sum(slot.shed for slot in slots),
-                PEAK_IN_USE: max(slot.peak_in_use for slot in slots),
-                PEAK_WAITING: max(slot.peak_waiting for slot in slots),
+                PEAK_IN_USE: max(peak_in_use, *(slot.peak_in_use for slot in slots)),
+                PEAK_WAITING: max(peak_waiting, *(slot.peak_waiting for slot in slots)),
                 WAIT_MAX: round(max(slot.longest for slot in slots), 6),
             }
         # Sorting happens outside the lock: the copies above are ours.

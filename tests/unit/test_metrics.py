@@ -8,6 +8,7 @@ import logging
 import math
 import random
 import re
+import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -16,6 +17,7 @@ import pytest
 from django.core.exceptions import ImproperlyConfigured
 
 import herokupool
+from herokupool import metrics
 from herokupool.errors import PoolOverloaded, PoolTimeout
 from herokupool.metrics import (
     ADVICE_MIN_BORROWS,
@@ -104,6 +106,68 @@ def test_old_waits_leave_the_window() -> None:
     snap = window.snapshot(T0 + 200.0)
     assert snap["recent_borrows"] == snap["recent_waits"] == 0
     assert snap["wait_p99"] == snap["wait_max"] == 0.0
+
+
+def test_a_borrow_noted_while_another_thread_starts_a_slot_is_counted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Another thread may run at any call the thread starting a slot makes (here: making the
+    new slot): a borrow it notes then, without the lock, is counted in the slot ending or in
+    the next, never lost with the fields the slot change resets."""
+    window = WaitWindow()
+    window.note_in_use(1, T0)
+
+    class Interleaved(metrics._Slot):
+        def __init__(self, start: float) -> None:
+            window.note_in_use(2, T0 + 1.0)  # a thread still in the slot [T0, T0 + 5)
+            super().__init__(start)
+
+    monkeypatch.setattr(metrics, "_Slot", Interleaved)
+    window.note_in_use(3, T0 + 5.0)  # starts the slot [T0 + 5, T0 + 10)
+    snap = window.snapshot(T0 + 6.0)
+    assert (snap["recent_borrows"], snap["peak_in_use"]) == (3, 3)
+
+
+def test_a_slot_width_that_floats_cannot_hold_exactly_starts_each_slot_once() -> None:
+    """With slots of 0.1 s, ``floor(1216.8 / 0.1) * 0.1`` is 1216.7: a slot that ended before
+    the time it was made for, so every record at that time started it again, pushing the
+    window's real slots out."""
+    window = WaitWindow(slots=600)  # 60 s in 600 slots of 0.1 s
+    window.record_wait(0.01, 1216.0)
+    for _ in range(700):
+        window.record_wait(0.01, 1216.8)
+    assert window.snapshot(1216.8)["recent_waits"] == 701
+
+
+def test_waits_and_borrows_recorded_by_many_threads_at_once_are_all_counted() -> None:
+    """``record_wait`` and ``note_in_use`` take the window's lock only when a slot ends: eight
+    threads recording at once, across slot changes and with the interpreter switching threads
+    as often as it can, lose no wait, no borrow and no maximum."""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    window = WaitWindow(samples=16)  # 60 s in 12 slots of 5 s
+    per_thread = 3_000
+    start = threading.Barrier(8)
+
+    def record(index: int) -> None:
+        start.wait()
+        for i in range(per_thread):
+            now = T0 + i * (50.0 / per_thread)  # through 10 slots, all in the window
+            window.record_wait(0.001 * index + (0.5 if i == index else 0.0), now)
+            window.note_in_use(1 + index, now)
+
+    threads = [threading.Thread(target=record, args=(index,)) for index in range(8)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    snap = window.snapshot(T0 + 55.0)
+    assert (snap["recent_waits"], snap["recent_borrows"]) == (8 * per_thread, 8 * per_thread)
+    assert snap["recent_slow_waits"] == 8
+    assert (snap["wait_max"], snap["peak_in_use"]) == (0.507, 8)
 
 
 def test_a_slot_keeps_a_bounded_sample_but_exact_counts_and_maximum() -> None:
