@@ -189,6 +189,9 @@ class PoolModel(RuleBasedStateMachine):
         self.pool.run_maintenance()
         stats = exact(self.pool)
         assert stats["in_use"] == len(self.held), (stats, len(self.held))
+        # Every connection opened is counted once: closed, dropped, or in the pool now.
+        gone = sum(stats[f"connections_{how}"] for how in ("closed", "discarded", "lost"))
+        assert stats["connections_created"] == gone + stats["idle"] + stats["in_use"], stats
         open_now = self.driver.open_count
         if self.closed:
             assert stats["idle"] == 0
