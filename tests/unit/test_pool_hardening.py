@@ -432,6 +432,40 @@ def test_a_waiter_handed_a_dead_connection_keeps_the_slot_it_freed(
     assert (stats["connections_closed"], stats["connections_discarded"]) == (1, 0), stats
 
 
+def test_borrowers_through_repeated_deaths_of_handed_connections_all_served_all_counted() -> None:
+    """Six threads take turns on two connections, and one in five comes back dead (a backend
+    terminated while lent, as the fault suite's repeated pg_terminate_backend does): every
+    borrow is served within its timeout, whoever finds the dead one, and every connection is
+    counted once."""
+    driver = FakeDriver(keep=False)
+    pool = make_pool(driver, max_conns=2, timeout=3)
+    rng = random.Random(7)
+    kills = [rng.random() < 0.2 for _ in range(6 * 150)]
+    errors: list[BaseException] = []
+
+    def borrower(index: int) -> None:
+        try:
+            for turn in range(150):
+                conn = pool.borrow()
+                time.sleep(0)
+                if kills[index * 150 + turn]:
+                    conn.kill()
+                pool.release(conn)
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=borrower, args=(index,)) for index in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == []
+    pool.run_maintenance()  # finds the dead ones still idle
+    stats = assert_exact(pool)
+    assert stats["connections_lost"] == sum(kills), stats
+    assert stats["borrows"] == 6 * 150, stats
+
+
 @pytest.mark.parametrize("kept", ["slot", "idle"])
 def test_an_interruption_after_a_dead_connection_was_dropped_strands_nothing(
     monkeypatch: pytest.MonkeyPatch, kept: str
