@@ -416,18 +416,17 @@ class ConnectionPool:
             self._abandon(waiter)
             raise
 
-    def _take(self, waiter: Waiter) -> Entry | None:
-        """Take the top idle connection (RESERVED for checking) or a free slot (OPENING),
-        owned by ``waiter``; None when there is neither.  Must be called with the lock held."""
+    def _take(self, waiter: Waiter) -> Entry:
+        """Take the top idle connection (RESERVED for checking), else a free slot (OPENING),
+        owned by ``waiter``.  Must be called with the lock held, when there is one or the
+        other."""
         entries = self._entries
         if entries.idle:
             entry = entries.idle[-1]
             entries.move(entry, _RESERVED, weakref.ref(waiter, self._on_lost), self._clock())
-        elif len(entries.all) < self.max_conns:
+        else:
             entry = Entry(self._clock(), weakref.ref(waiter, self._on_lost))
             entries.add(entry)
-        else:
-            return None
         waiter.entry = entry
         return entry
 
@@ -571,8 +570,9 @@ class ConnectionPool:
         self, entry: Entry, problem: str | None, started: float | None, waiter: Waiter
     ) -> tuple[Any, Entry | None]:
         """Lend a checked entry (the connection, None); or drop it (``problem``) and keep its
-        slot for this borrow, ``waiter``'s turn: (None, the slot, OPENING), or (None, None)
-        when it was put right meanwhile (no longer ``waiter``'s)."""
+        slot for this borrow, ``waiter``'s turn: (None, what took its place: the top idle
+        connection, RESERVED, else the slot, OPENING), or (None, None) when it was put right
+        meanwhile (no longer ``waiter``'s)."""
         close = replacement = None
         with self._lock:
             now = self._clock()
@@ -589,8 +589,8 @@ class ConnectionPool:
                     lost = problem not in ("recycled", "moved") and not closed
                     self._counters[CONNECTIONS_LOST if lost else CONNECTIONS_CLOSED] += 1
                     if not closed:
-                        # Replaced in the same turn: a borrower arriving now does not take
-                        # the slot it freed from one that may have queued for it.
+                        # Replaced in the same turn (the slot it freed at least is there): a
+                        # borrower arriving now does not take it from one that may have queued.
                         replacement = self._take(waiter)
         if conn is not None:
             self._lent(entry, in_use, now, started)
