@@ -12,9 +12,10 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from types import FrameType
+from typing import Any
 
 
 def wait_until(
@@ -31,6 +32,13 @@ def wait_until(
             return bool(condition())
         time.sleep(interval)
     return True
+
+
+def assert_counted_once(stats: Mapping[str, Any], context: object = None) -> None:
+    """Every connection a pool opened is counted once, from its ``stats()``: closed,
+    dropped, or in the pool now (call it when nothing is being handed over or checked)."""
+    gone = sum(stats[f"connections_{how}"] for how in ("closed", "discarded", "lost"))
+    assert stats["connections_created"] == gone + stats["idle"] + stats["in_use"], (context, stats)
 
 
 class Interrupted(BaseException):

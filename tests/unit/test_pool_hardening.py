@@ -20,7 +20,7 @@ from psycopg2 import extensions as ext
 from herokupool._waiting import Waiter
 from herokupool.errors import PoolClosed, PoolTimeout
 from herokupool.pool import ConnectionPool
-from tests.helpers import Interrupted, interrupting, wait_until
+from tests.helpers import Interrupted, assert_counted_once, interrupting, wait_until
 from tests.unit.fakes import FakeClock, FakeConnection, FakeDriver
 from tests.unit.test_pool import make_pool
 
@@ -32,9 +32,7 @@ def assert_exact(pool: ConnectionPool) -> dict[str, int | float]:
     stats = pool.stats()
     assert stats["borrows"] == stats["releases"] + stats["in_use"], stats
     assert stats["in_use"] + stats["idle"] + stats["connecting"] <= stats["max"], stats
-    # Every connection opened is accounted for once: closed, dropped, or in the pool now.
-    gone = sum(stats[f"connections_{how}"] for how in ("closed", "discarded", "lost"))
-    assert stats["connections_created"] == gone + stats["idle"] + stats["in_use"], stats
+    assert_counted_once(stats)
     return stats
 
 

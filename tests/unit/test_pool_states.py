@@ -27,7 +27,7 @@ from hypothesis.stateful import (
 from herokupool import pool as pool_module
 from herokupool.errors import PoolClosed, PoolTimeout
 from herokupool.pool import ConnectionPool
-from tests.helpers import Interrupted, wait_until
+from tests.helpers import Interrupted, assert_counted_once, wait_until
 from tests.unit.fakes import FakeClock, FakeDriver
 from tests.unit.test_pool import make_pool
 
@@ -189,9 +189,7 @@ class PoolModel(RuleBasedStateMachine):
         self.pool.run_maintenance()
         stats = exact(self.pool)
         assert stats["in_use"] == len(self.held), (stats, len(self.held))
-        # Every connection opened is counted once: closed, dropped, or in the pool now.
-        gone = sum(stats[f"connections_{how}"] for how in ("closed", "discarded", "lost"))
-        assert stats["connections_created"] == gone + stats["idle"] + stats["in_use"], stats
+        assert_counted_once(stats)
         open_now = self.driver.open_count
         if self.closed:
             assert stats["idle"] == 0
