@@ -149,11 +149,12 @@ def make_wrapper(
 
 
 def server_backends(admin: Any, dbname: str, state: str | None = None) -> int:
-    """PgBouncer's server connections as the server sees them (only it uses ``dbname``)."""
+    """PgBouncer's server connections as the server sees them (only it uses ``dbname``):
+    client backends, not an autovacuum worker the server starts on that database."""
     with admin.cursor() as cursor:
         cursor.execute(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
-            "AND (%s::text IS NULL OR state = %s)",
+            "AND backend_type = 'client backend' AND (%s::text IS NULL OR state = %s)",
             [dbname, state, state],
         )
         return int(cursor.fetchone()[0])
