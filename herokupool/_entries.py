@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import functools
 import random
 import select
 import weakref
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 __all__ = ["Entries", "Entry", "State"]
 
@@ -66,7 +67,7 @@ class Entry:
         "key",
         "last_used",
         "owner",
-        "poller",
+        "poll",
         "ref",
         "since",
         "stack",
@@ -86,7 +87,8 @@ class Entry:
         self.expires_at = float("inf")
         self.stack: list[str] | None = None
         self.holder: int | None = None  # the borrowing thread's ident
-        self.poller: Poller | None = None
+        # The zero-timeout poll() of its socket (see _poll_of): truthy when readable.
+        self.poll: Callable[[], Any] | None = None
         # Something arrived while idle and was read without a query (a sweep): a
         # notification, or a FATAL whose close has not arrived yet.  The next borrow checks
         # it with a query.
@@ -108,14 +110,14 @@ class Entry:
         self.created_at = self.last_used = self.borrowed_at = now
         if lifetime is not None:
             self.expires_at = now + lifetime * (1.0 - random.random() * LIFETIME_JITTER)
-        self.poller = _poller(conn, fileno)
+        self.poll = _poll_of(conn, fileno)
 
     def readable(self) -> bool:
         """True when the socket has something to read (or none to watch): the server sent
         something (a notification, a parameter change) or closed the connection.  One
         zero-timeout poll, no round trip; only reading it (the driver's ``read_input()``)
         tells the two apart."""
-        return self.poller is None or bool(self.poller.poll(0))
+        return self.poll is None or bool(self.poll())
 
     def stranded(self) -> bool:
         """True when nobody can move this entry on: its owner is gone, or, lent, its
@@ -324,52 +326,39 @@ class Entries:
         return found
 
 
-def _poller(conn: Any, fileno: Callable[[Any], int]) -> Poller | None:
-    """A poll object on the connection's socket, made once per connection: each check is then
-    one zero-timeout poll() call.  None when there is no socket to watch (the check then
-    falls back to a validation query)."""
+def _poll_of(conn: Any, fileno: Callable[[Any], int]) -> Callable[[], Any] | None:
+    """The connection's socket check, made once per connection: a call with no arguments,
+    one zero-timeout ``poll()``, truthy when the socket has something to read (or an error).
+    None when there is no socket to watch (the check then falls back to a validation query).
+
+    libc's ``poll()`` through ctypes' ``PyDLL``, which keeps the GIL, where ctypes has it;
+    else ``select.poll``, which lets go of it.  ``select.poll().poll(0)`` lets go of the GIL
+    for a call that never blocks: under load another thread then takes it, and the
+    borrower, holding the connection it just took, waits to get it back (a context switch
+    per borrow, and a connection idle meanwhile; measured in docs/benchmarks.md).  A zero
+    timeout never blocks, so keeping the GIL costs nobody anything.
+
+    The arguments are bound once (``functools.partial``; the descriptor as ``byref()``, the
+    timeout as a plain int, which ctypes passes faster than a ``c_int``): about 330 ns a
+    check against 460 for a method passing ``pointer()`` and ``c_int`` (docs/benchmarks.md),
+    on a borrow's fast path.  An error (a descriptor closed under the check: ``POLLNVAL``)
+    returns nonzero too, so the pool checks the connection with a query.
+    """
     try:
         fd = fileno(conn)
         if _libc_poll is not None:
-            return HeldPoll(fd, _libc_poll)
+            pollfd = _PollFd(fd, select.POLLIN, 0)
+            # byref() keeps pollfd alive; the timeout is C's int, what ctypes makes of 0.
+            return functools.partial(_libc_poll, ctypes.byref(pollfd), _ONE, 0)
         poller = select.poll()
         poller.register(fd, select.POLLIN)
     except Exception:
         return None
-    return poller
-
-
-class Poller(Protocol):
-    def poll(self, timeout: int, /) -> Any:
-        """Truthy when the socket has something to read (or an error)."""
+    return functools.partial(poller.poll, 0)
 
 
 class _PollFd(ctypes.Structure):
     _fields_ = (("fd", ctypes.c_int), ("events", ctypes.c_short), ("revents", ctypes.c_short))
-
-
-class HeldPoll:
-    """``poll(2)`` on one socket, called without letting go of the GIL.
-
-    ``select.poll().poll(0)`` lets go of the GIL for a call that never blocks.  Under load
-    another thread then takes the GIL, and the borrower, holding the connection it just
-    took, waits to get it back: a context switch per borrow, and a connection idle
-    meanwhile (measured in docs/benchmarks.md).  This is the same system call with the same
-    answer, through ctypes' ``PyDLL``, which keeps the GIL: a zero timeout never blocks.
-    """
-
-    __slots__ = ("_call", "_pollfd")
-
-    def __init__(self, fd: int, call: Callable[..., int]) -> None:
-        self._call = call
-        self._pollfd = ctypes.pointer(_PollFd(fd, select.POLLIN, 0))
-
-    def poll(self, timeout: int, /) -> int:
-        """How many descriptors have an event (0 or 1); -1 (truthy: check it with a query)
-        on an error.  ``timeout`` must be 0: the call holds the GIL."""
-        if timeout != 0:
-            raise ValueError("HeldPoll only polls with a zero timeout")
-        return self._call(self._pollfd, _ONE, _NO_WAIT)
 
 
 def _held_poll() -> Callable[..., int] | None:
@@ -383,6 +372,5 @@ def _held_poll() -> Callable[..., int] | None:
     return function
 
 
-_ONE = ctypes.c_ulong(1)
-_NO_WAIT = ctypes.c_int(0)
+_ONE = ctypes.c_ulong(1)  # nfds_t: one descriptor
 _libc_poll = _held_poll()

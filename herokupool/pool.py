@@ -348,7 +348,7 @@ class ConnectionPool:
         if (  # noqa: SIM103  # a condition: one jump per test, on every borrow
             now >= entry.expires_at
             or now - entry.last_used >= self._fresh_for
-            or entry.poller is None
+            or entry.poll is None
             or entry.suspect
         ):
             return False
@@ -504,7 +504,7 @@ class ConnectionPool:
         waiting for the GIL back.
         """
         try:
-            readable = entry.poller.poll(0)  # type: ignore[union-attr]  # checked: not None
+            readable = entry.poll()  # type: ignore[misc]  # checked: not None
         except BaseException:
             self._take_back(entry, conn)  # interrupted: back in the pool, untouched
             raise
@@ -526,7 +526,7 @@ class ConnectionPool:
         if now >= entry.expires_at:
             return "recycled"
         readable = entry.readable()
-        if readable and entry.poller is not None:
+        if readable and entry.poll is not None:
             # Something arrived while idle: a notification, a parameter change, or the
             # server's goodbye.  read_input() reads it (raising when it sees the close); the
             # query below tells a FATAL whose close has not arrived yet from a notification.
@@ -963,7 +963,7 @@ class ConnectionPool:
         try:
             for entry in suspects:
                 conn = entry.conn
-                if driver.closed(conn) or entry.poller is None:
+                if driver.closed(conn) or entry.poll is None:
                     continue
                 try:
                     _read_idle(driver, entry, conn)

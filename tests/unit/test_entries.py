@@ -1,14 +1,16 @@
-"""The idle-socket check of each pooled connection (``herokupool._entries.HeldPoll``): the
+"""The idle-socket check of each pooled connection (``herokupool._entries._poll_of``): the
 same answer as ``select.poll``, without letting go of the GIL."""
 
 from __future__ import annotations
 
+import functools
 import select
 import socket
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -24,9 +26,15 @@ def _select_poll(fd: int) -> bool:
     return bool(poller.poll(0))
 
 
+def _check(fd: int) -> Callable[[], Any]:
+    """The pool's check of the socket ``fd``."""
+    check = _entries._poll_of(fd, lambda number: number)
+    assert check is not None
+    return check
+
+
 def _held_poll(fd: int) -> bool:
-    assert _entries._libc_poll is not None
-    return bool(_entries.HeldPoll(fd, _entries._libc_poll).poll(0))
+    return bool(_check(fd)())
 
 
 def _quiet(ours: socket.socket, peer: socket.socket) -> None:
@@ -67,29 +75,45 @@ def test_the_check_answers_as_select_poll(
     assert _held_poll(ours.fileno()) == _select_poll(ours.fileno()) == (event is not _quiet)
 
 
+@pytest.mark.parametrize("event", [_quiet, _data, _peer_closed])
+def test_without_ctypes_the_check_is_select_poll(
+    tcp_pair: tuple[socket.socket, socket.socket],
+    event: Callable[[socket.socket, socket.socket], None],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_entries, "_libc_poll", None)
+    ours, peer = tcp_pair
+    check = _check(ours.fileno())
+    assert isinstance(check, functools.partial)
+    assert getattr(check.func, "__self__", None).__class__ is select.poll().__class__
+    event(ours, peer)
+    time.sleep(0.02)  # loopback delivery
+    assert bool(check()) == (event is not _quiet)
+
+
 def test_a_descriptor_closed_under_the_check_reads_as_something_to_check() -> None:
     # POLLNVAL: truthy, so the pool checks the connection with a query (which then fails).
     ours, peer = socket.socketpair()
     number = ours.fileno()
-    check = _entries.HeldPoll(number, _entries._libc_poll)  # type: ignore[arg-type]
+    check = _check(number)
     ours.close()
     peer.close()
-    assert check.poll(0)
-    with pytest.raises(ValueError, match="zero timeout"):
-        check.poll(1)
+    assert check()
 
 
 def test_pooled_connections_are_checked_with_it() -> None:
     pool = make_pool()
     pool.release(pool.borrow())
-    assert isinstance(pool._entries.idle[-1].poller, _entries.HeldPoll)
+    check = pool._entries.idle[-1].poll
+    assert isinstance(check, functools.partial)
+    assert check.func is _entries._libc_poll
 
 
 def test_the_check_never_lets_another_thread_run() -> None:
     """With a switch interval of 100 s, another thread gets the GIL only when this one lets
     go of it: 20,000 checks must not let it run once; select.poll() (the control) does."""
     ours, peer = socket.socketpair()
-    held = _entries.HeldPoll(ours.fileno(), _entries._libc_poll)  # type: ignore[arg-type]
+    held = _check(ours.fileno())
     control = select.poll()
     control.register(ours.fileno(), select.POLLIN)
     ran = 0
@@ -109,7 +133,7 @@ def test_the_check_never_lets_another_thread_run() -> None:
         time.sleep(0.01)  # started, and now waiting for the GIL
         before = ran
         for _ in range(20_000):
-            held.poll(0)
+            held()
         during_held = ran - before
         before = ran
         for _ in range(20_000):

@@ -8,6 +8,7 @@ import random
 import re
 import threading
 import time
+from typing import Any
 
 import psycopg2
 import pytest
@@ -513,16 +514,15 @@ def test_the_idle_socket_is_polled_outside_the_pools_lock() -> None:
     conn = pool.borrow()
     pool.release(conn)
     entry = pool._entries.idle[-1]
-    poller = entry.poller
-    assert poller is not None
+    poll = entry.poll
+    assert poll is not None
     locked_while_polling = []
 
-    class Spy:
-        def poll(self, timeout: float) -> list[tuple[int, int]]:
-            locked_while_polling.append(pool._lock.locked())
-            return poller.poll(timeout)
+    def spy() -> Any:
+        locked_while_polling.append(pool._lock.locked())
+        return poll()
 
-    entry.poller = Spy()  # type: ignore[assignment]
+    entry.poll = spy
     assert pool.borrow() is conn
     assert locked_while_polling == [False]
     pool.release(conn)

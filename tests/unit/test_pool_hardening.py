@@ -39,14 +39,13 @@ def assert_exact(pool: ConnectionPool) -> dict[str, int | float]:
 def interrupt_next_poll(entry: Any, error: type[BaseException]) -> None:
     """The next poll of ``entry``'s socket raises ``error`` (a signal handler's exception
     landing in it); the ones after poll again."""
-    poller = entry.poller
+    poll = entry.poll
 
-    class Interrupting:
-        def poll(self, timeout: float) -> Any:
-            entry.poller = poller  # once
-            raise error
+    def interrupting() -> Any:
+        entry.poll = poll  # once
+        raise error
 
-    entry.poller = Interrupting()
+    entry.poll = interrupting
 
 
 # ------------------------------------------------------- interruptions lose nothing
@@ -719,12 +718,11 @@ def test_a_connection_taken_back_into_a_pool_closed_meanwhile_is_closed() -> Non
     pool.release(conn)
     entry = pool._entries.idle[-1]
 
-    class ClosingThePool:
-        def poll(self, timeout: float) -> Any:
-            pool.close()  # another thread closes the pool while this borrow polls
-            return [(0, 1)]  # readable: the connection goes back
+    def closing_the_pool() -> Any:
+        pool.close()  # another thread closes the pool while this borrow polls
+        return 1  # readable: the connection goes back
 
-    entry.poller = ClosingThePool()
+    entry.poll = closing_the_pool
     with pytest.raises(PoolClosed):
         pool.borrow()
     assert conn.closed, "not left open in a closed pool"
