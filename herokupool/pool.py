@@ -137,6 +137,12 @@ class ConnectionPool:
     release (without ``cleanup``, in a pool without ``reset``) then calls neither the hook
     nor the driver's checks.
 
+    ``successor(conn)``, when given, is called on each release that keeps the connection,
+    once it is clean: it returns the object the next borrower gets for the same session,
+    after which ``conn`` is closed to whoever still holds it (a borrower that kept it past
+    its loan then reaches nothing).  Must not block or do I/O; an exception from it
+    closes the connection.
+
     ``driver`` is the :class:`~herokupool.drivers.Driver` for the connections ``connect()``
     returns, or its name (``"psycopg2"``, ``"psycopg"``).  Left None, the pool picks it from
     the first connection it opens (:func:`herokupool.drivers.for_connection`: the package
@@ -163,6 +169,7 @@ class ConnectionPool:
         log_metrics: float | None = None,
         prepare_release: Callable[[Any], str | None] | None = None,
         unchanged: Callable[[Any], bool] | None = None,
+        successor: Callable[[Any], Any] | None = None,
         clock: Callable[[], float] = time.monotonic,
         background: bool = True,
         describe_holder: Callable[[int], str | None] | None = None,
@@ -196,6 +203,7 @@ class ConnectionPool:
         self.log_metrics = log_metrics
         self.prepare_release = prepare_release
         self.unchanged = unchanged
+        self.successor = successor
         self.describe_holder = describe_holder
         self._connect = connect
         # Until the first connection is attached: a Driver that knows nothing (no
@@ -813,22 +821,42 @@ class ConnectionPool:
         if now >= entry.expires_at:
             self._end_loan(entry, conn, CONNECTIONS_CLOSED, "recycled")
             return
+        kept = conn
+        if self.successor is not None:
+            try:
+                # The session goes on in a new object; conn is closed to its holder.
+                kept = self.successor(conn)
+                ref, key = weakref.ref(kept, self._on_lost), id(kept)
+            except BaseException:
+                # Interrupted (or failed): the session is in conn, or already in kept;
+                # closed either way.
+                self._end_loan(entry, conn, CONNECTIONS_DISCARDED, "interrupted on release")
+                if kept is not conn:
+                    self._close_quietly(kept)
+                raise
         with self._lock:
             if entry.state is not _LENT or conn is not entry.ref():
                 return  # given back twice at once: the other call took it
             if not self._closed:
+                entries = self._entries
+                if kept is not conn:
+                    # The entry follows the session to its new object (give_back() then
+                    # finds nothing left to unindex).
+                    entries.lent.pop(entry.key, None)
+                    entry.ref = ref
+                    entry.key = key
                 if self._waiting:
                     # FIFO: straight to the oldest waiter (_hand_on's step, inlined).
-                    waiter, ref = self._line.next()
+                    waiter, owner = self._line.next()
                     if waiter is not None:
-                        self._entries.give_back(entry, conn, now, ref)
+                        entries.give_back(entry, kept, now, owner)
                         waiter.set(_SERVED, entry)  # last: it finds the entry HANDED to it
                         return
-                self._entries.give_back(entry, conn, now)
+                entries.give_back(entry, kept, now)
                 return
             self._entries.remove(entry)
             self._counters[CONNECTIONS_CLOSED] += 1
-        self._close_quietly(conn)
+        self._close_quietly(kept)
 
     def release_later(self, conn: Any, *, cleanup: str | None = None) -> None:
         """Have the pool's own thread release ``conn`` soon (with ``cleanup``, as

@@ -96,7 +96,7 @@ class FakeConnection:
         self.notifies: list[object] = []
         self.notices: list[str] = []
         self._client, self._server = socket.socketpair()
-        weakref.finalize(self, _close_both, self._client, self._server)
+        self._finalizer = weakref.finalize(self, _close_both, self._client, self._server)
         FakeConnection.instances.add(self)
 
     def __repr__(self) -> str:
@@ -303,6 +303,24 @@ FLAVOURS: dict[str, type[FakeConnection]] = {
 }
 #: The flavour FakeDriver makes: set by the ``flavour`` fixture.
 flavour = "psycopg2"
+
+
+def move_session(conn: FakeConnection) -> FakeConnection:
+    """A pool's ``successor`` for fakes, as psycopg 3's: a new object takes over ``conn``'s
+    socket and state (``moved_from`` names the old one); ``conn`` is left closed, holding
+    nothing."""
+    fresh = FakeConnection.__new__(type(conn))
+    conn._finalizer.detach()
+    fresh.__dict__ = conn.__dict__
+    fresh.moved_from = conn.id  # type: ignore[attr-defined]
+    fresh._finalizer = weakref.finalize(fresh, _close_both, fresh._client, fresh._server)
+    pgconn = fresh.__dict__.get("pgconn")
+    if pgconn is not None:  # psycopg 3's: its handlers follow the session
+        pgconn._conn = weakref.ref(fresh)
+    FakeConnection.instances.add(fresh)
+    # Closed: its close() does nothing; the sockets only for the tests' final dispose().
+    conn.__dict__ = {"id": conn.id, "closed": 1, "_client": fresh._client, "_server": fresh._server}
+    return fresh
 
 
 def _close_both(client: socket.socket, server: socket.socket) -> None:

@@ -21,7 +21,7 @@ from herokupool._waiting import Waiter
 from herokupool.errors import PoolClosed, PoolTimeout
 from herokupool.pool import ConnectionPool
 from tests.helpers import Interrupted, assert_counted_once, interrupting, wait_until
-from tests.unit.fakes import FakeClock, FakeConnection, FakeDriver
+from tests.unit.fakes import FakeClock, FakeConnection, FakeDriver, move_session
 from tests.unit.test_pool import make_pool
 
 # Every test here runs once per driver installed (see tests/unit/conftest.py).
@@ -766,3 +766,90 @@ def test_a_connection_a_maintenance_sweep_read_from_is_not_lent_by_the_fast_path
     assert conn is not a, "the fast path lent a connection a sweep could not vouch for"
     pool.release(conn)
     assert pool.stats()["connections_lost"] == 2
+
+
+# ----------------------------------------------- a new object per loan (successor)
+
+
+def test_each_clean_release_hands_the_session_to_the_successors_object() -> None:
+    """With ``successor`` (psycopg 3's backend) the next borrower gets the object it
+    returned; the released one is closed to whoever kept it, and the pool no longer knows
+    it: releasing it again is refused."""
+    pool = make_pool(max_conns=1, successor=move_session)
+    first = pool.borrow()
+    pool.release(first)
+    assert first.closed, "closed to whoever kept it, at once"
+    second = pool.borrow()
+    assert second is not first
+    assert second.moved_from == first.id
+    assert not second.closed
+    with pytest.raises(ValueError, match="not borrowed from this pool"):
+        pool.release(first)
+    pool.release(second)
+    third = pool.borrow()
+    assert third is not second
+    assert third.moved_from == first.id
+    stats = assert_exact(pool)
+    assert (stats["connections_created"], stats["borrows"], stats["in_use"]) == (1, 3, 1)
+
+
+def test_a_queued_borrower_is_handed_the_successors_object() -> None:
+    pool = make_pool(max_conns=1, successor=move_session, timeout=5)
+    first = pool.borrow()
+    got: list[Any] = []
+    waiter = threading.Thread(target=lambda: got.append(pool.borrow()))
+    waiter.start()
+    wait_until(lambda: pool.stats()["waiting"] == 1)
+    pool.release(first)
+    waiter.join()
+    assert got[0] is not first
+    assert got[0].moved_from == first.id
+    assert first.closed
+    pool.release(got[0])
+    assert_exact(pool)
+
+
+def test_a_connection_not_kept_is_closed_without_a_successor() -> None:
+    """Discarded or expired: the session ends with the object it was lent as."""
+    moved: list[Any] = []
+
+    def successor(conn: Any) -> Any:
+        moved.append(conn)
+        return move_session(conn)
+
+    clock = FakeClock()
+    pool = make_pool(max_conns=2, successor=successor, max_lifetime=10, clock=clock)
+    broken = pool.borrow()
+    pool.discard(broken)
+    expired = pool.borrow()
+    clock.advance(20)
+    pool.release(expired)
+    assert moved == []
+    assert broken.closed
+    assert expired.closed
+    stats = assert_exact(pool)
+    assert (stats["connections_discarded"], stats["connections_closed"]) == (1, 1)
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_an_interruption_around_the_hand_over_closes_the_session_once(when: str) -> None:
+    """A signal handler's exception landing as the successor starts (the session still in
+    the released object) or as it returns (already in the new one, which the pool never
+    got): either way the session is closed, counted once, and its slot is free."""
+    made: list[Any] = []
+
+    def successor(conn: Any) -> Any:
+        if when == "after":
+            made.append(move_session(conn))
+        raise Interrupted()
+
+    pool = make_pool(max_conns=1, successor=successor)
+    conn = pool.borrow()
+    sockets = conn._client, conn._server
+    with pytest.raises(Interrupted):
+        pool.release(conn)
+    made.clear()  # the new object's last reference, if any: its sockets close with it
+    assert all(sock.fileno() == -1 for sock in sockets), "the session is closed"
+    stats = assert_exact(pool)
+    assert (stats["in_use"], stats["idle"], stats["connections_discarded"]) == (0, 0, 1)
+    assert pool.borrow(timeout=0.1) is not None, "the slot is free again"
