@@ -25,6 +25,14 @@ on the client side (adapters registered on the connection, ``cursor_factory``,
 and notify handlers, unread notifications) and returns the undo of what it changed in
 the session.
 
+**The connection object is the loan's.** Once the release has found the session clean, the
+pool asks :func:`successor` for the object the next borrower gets: a new
+:class:`TrackedConnection` taking over the session, its socket, its state and psycopg's
+prepared statements, while the released object becomes a closed connection
+(:class:`ClosedAfterItsLoan`).  Code that kept the raw connection past its request then
+gets psycopg's ``OperationalError("the connection is closed")``, as after the stock
+engine's ``close()``, never the session another request now holds.
+
 **Prepared statements.** psycopg 3 prepares a statement run ``prepare_threshold`` times
 (names ``_pg3_N``) and remembers it on the connection: on a pooled session those plans
 serve every later loan, which is the point.  The undo therefore never sends ``DEALLOCATE
@@ -40,11 +48,13 @@ This module knows nothing about Django.
 from __future__ import annotations
 
 import contextlib
+import functools
 import weakref
 from collections.abc import Callable
 from typing import Any
 
 import psycopg
+from psycopg import pq
 from psycopg import sql as psycopg_sql
 from psycopg.adapt import AdaptersMap
 from psycopg.pq import TransactionStatus
@@ -59,6 +69,7 @@ __all__ = [
     "apply_isolation_level",
     "prepare_release",
     "release_hook",
+    "successor",
     "unchanged",
 ]
 
@@ -113,6 +124,12 @@ class TrackedConnection(psycopg.Connection[Any]):
 
     def __init__(self, pgconn: Any, row_factory: Any = tuple_row) -> None:
         super().__init__(pgconn, row_factory)
+        # The object libpq's notices and notifications go to, through one cell that
+        # successor() points at the session's next object (psycopg's own handlers hold a
+        # weak reference to this one).
+        self._herokupool_target = target = [weakref.ref(self)]
+        pgconn.notice_handler = functools.partial(_notice, target)
+        pgconn.notify_handler = functools.partial(_notify, target)
         #: session.* flags of what the current loan changed.
         self.herokupool_flags = 0
         self.assumed_role: object = None
@@ -321,6 +338,72 @@ class TrackedConnection(psycopg.Connection[Any]):
         prepared = self._prepared
         prepared.clear()
         prepared._to_flush.clear()
+
+
+def _notice(target: list[Any], result: Any) -> None:
+    # psycopg's own handler, given the weak reference it would hold to the connection.
+    psycopg.Connection._notice_handler(target[0], result)
+
+
+def _notify(target: list[Any], notification: Any) -> None:
+    psycopg.Connection._notify_handler(target[0], notification)
+
+
+class ClosedAfterItsLoan(TrackedConnection):
+    """A connection object whose loan has ended: what whoever kept it past the release
+    holds.  Closed, as the stock engine's connection is after ``close()``: ``closed`` is
+    true, ``close()`` does nothing, and everything else (``cursor()``, ``execute()``,
+    a cursor class called on it, its settings) raises psycopg's
+    ``OperationalError("the connection is closed")``.  The session went on in another
+    object (see :func:`successor`)."""
+
+    def __getattr__(self, name: str) -> Any:
+        # Only for what the object no longer has: everything but pgconn and _closed.
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise psycopg.OperationalError("the connection is closed")
+
+    # Nothing to finalize (psycopg's __del__ would only find it closed), and no Python code
+    # when the object goes: one goes at nearly every release, and a signal handler's
+    # exception (Celery's soft time limit) landing in a finalizer's Python code would be
+    # printed and swallowed, never reaching the code it was meant to stop.  A C function
+    # that takes the object and does nothing.
+    __del__ = object.__init__  # type: ignore[assignment]
+
+
+@functools.cache
+def _finished_pgconn() -> Any:
+    """A libpq connection already finished, as a closed psycopg connection holds one."""
+    pgconn = pq.PGconn.connect_start(b"host=/nonexistent/herokupool port=1 connect_timeout=1")
+    pgconn.finish()
+    return pgconn
+
+
+def successor(conn: Any) -> Any:
+    """The object that takes over ``conn``'s session for the pool's next loan; ``conn``
+    itself is closed from now on to whoever still holds it (:class:`ClosedAfterItsLoan`).
+
+    Called by the pool once the release has found the session clean.  No I/O, no lock:
+    the new object gets the old one's attributes as they are (the same dict: the socket,
+    adapters, psycopg's prepared statements, the baseline), the notices and notifications
+    go to it, and the old object is left a finished libpq connection.  The hand-over is
+    assignments only, no call, so an interruption (a signal handler's exception) lands
+    before it, leaving the session with the old object, or after it.  Connections that
+    are not :class:`TrackedConnection` are returned as they are.
+    """
+    if not isinstance(conn, TrackedConnection):
+        return conn
+    cls = conn.__class__
+    fresh = cls.__new__(cls)
+    target = weakref.ref(fresh)
+    finished = _finished_pgconn()
+    # From here no call, so no signal handler's exception can land in the middle.
+    state = conn.__dict__
+    fresh.__dict__ = state
+    state["_herokupool_target"][0] = target
+    conn.__dict__ = {"pgconn": finished, "_closed": True}
+    conn.__class__ = ClosedAfterItsLoan
+    return fresh
 
 
 def prepare_release(conn: Any, reset_forgets: bool = False) -> str | None:

@@ -53,3 +53,11 @@ def dsn_parameters(conn: Any) -> dict[str, str]:
     if hasattr(conn, "pgconn"):
         return dict(conn.info.get_parameters())
     return dict(conn.get_dsn_parameters())
+
+
+def libpq_connection(conn: Any) -> Any:
+    """What stays the same while a pooled session goes from loan to loan: psycopg 3 hands the
+    session to a new connection object at each release, its libpq connection (``pgconn``)
+    goes with it; on psycopg2 the connection object itself stays."""
+    pgconn = getattr(conn, "pgconn", None)
+    return conn if pgconn is None else pgconn

@@ -36,6 +36,7 @@ import herokupool
 from devtools.pgbouncer import PgBouncer, find_pgbouncer
 from herokupool import registry
 from tests.conftest import Server, require
+from tests.drivers import libpq_connection
 from tests.integration.conftest import IDLE, transaction_status
 from tests.testapp.models import Item
 
@@ -424,7 +425,7 @@ def test_an_open_transaction_is_rolled_back_on_release_and_frees_the_server(
         cursor.execute(
             "INSERT INTO testapp_item (name, data, created) VALUES (%s, '{}', now())", [name]
         )
-    conn = wrapper.connection
+    session = libpq_connection(wrapper.connection)
     # In transaction mode the open transaction pins one server connection to this client.
     assert server_backends(admin, bouncer_db, "idle in transaction") == 1
     wrapper.close()
@@ -434,7 +435,7 @@ def test_an_open_transaction_is_rolled_back_on_release_and_frees_the_server(
     assert sum(int(row["sv_active"]) for row in pools) == 0, "the server went back to PgBouncer"
     reader = make_wrapper(max_conns=1, test_on_borrow=True)
     reader.ensure_connection()
-    assert reader.connection is conn, "the same client connection, kept by the pool"
+    assert libpq_connection(reader.connection) is session, "the same client connection, kept"
     assert transaction_status(reader.connection) == IDLE
     assert count_items(reader, name) == 0, "the uncommitted row was rolled back"
     stats = herokupool.stats()[alias]
@@ -447,7 +448,7 @@ def test_server_connections_killed_behind_pgbouncer_do_not_reach_the_pool(
 ) -> None:
     wrapper = make_wrapper(max_conns=2, validate_after=0.05)
     wrapper.ensure_connection()
-    conn = wrapper.connection
+    session = libpq_connection(wrapper.connection)
     wrapper.close()
     with admin.cursor() as cursor:
         cursor.execute(
@@ -462,7 +463,7 @@ def test_server_connections_killed_behind_pgbouncer_do_not_reach_the_pool(
 
     again = make_wrapper(max_conns=2, validate_after=0.05)
     assert count_items(again, "no-such-") == 0  # PgBouncer opened a new server connection
-    assert again.connection is conn
+    assert libpq_connection(again.connection) is session
     stats = herokupool.stats()[alias]
     assert stats["validations"] == 1
     assert stats["connections_lost"] == 0, "PgBouncer absorbed it: the client side never broke"

@@ -12,6 +12,7 @@ import psycopg
 from herokupool.tracked_psycopg import (
     TrackedConnection,
     release_hook,
+    successor,
     unchanged,
 )
 
@@ -23,6 +24,7 @@ __all__ = [
     "libpq_version",
     "parameter_status",
     "release_hook",
+    "successor",
     "unchanged",
 ]
 

@@ -24,6 +24,7 @@ __all__ = [
     "libpq_version",
     "parameter_status",
     "release_hook",
+    "successor",
     "unchanged",
 ]
 
@@ -72,3 +73,9 @@ def closed_error() -> Exception:
 
 def libpq_version() -> int:
     return int(psycopg2.extensions.libpq_version())
+
+
+#: No new object per loan on psycopg2: its connection is a C object whose libpq connection
+#: cannot move to another, and a proxy would break the C functions that take it
+#: (``register_type``, ``execute_values``).  See the README's Limitations.
+successor = None

@@ -304,6 +304,7 @@ class PooledDatabaseWrapperMixin(_Base):
             name=self.alias,
             prepare_release=driver.release_hook(kwargs.get("reset")),
             unchanged=driver.unchanged,
+            successor=driver.successor,
             describe_holder=_executor_hint,
             **kwargs,
         )

@@ -378,6 +378,119 @@ def test_handlers_and_notifications_of_a_request_are_not_seen_by_the_next(
 
 
 @ONLY_PSYCOPG3
+def test_a_raw_connection_kept_past_its_request_is_closed_and_the_session_goes_on(
+    register: Callable[..., str], engine: str
+) -> None:
+    """Request 1 keeps its raw connection. Afterwards that object is a closed connection,
+    as on the stock engine after ``close()``: ``closed``, psycopg's "the connection is
+    closed" from ``execute()`` and ``cursor()``, ``close()`` a no-op. The session goes on
+    (herokupool: the same backend) in another object, where each later request's own
+    notice and notification handlers get its notices and notifications."""
+    import psycopg
+
+    alias = register()
+    channel = f"hp_{uuid.uuid4().hex[:8]}"
+    kept: list[Any] = []
+
+    def first(wrapper: Any) -> int:
+        kept.append(raw(wrapper))
+        return pid_of(wrapper)
+
+    pid1 = in_thread(lambda: request(alias, first))
+    stale = kept[0]
+    assert stale.closed, "closed as the request ended"
+    with pytest.raises(psycopg.OperationalError, match="the connection is closed"):
+        stale.execute("SELECT 1")
+    with pytest.raises(psycopg.OperationalError, match="the connection is closed"):
+        stale.cursor()
+    stale.close()  # closed already: nothing
+
+    def later(wrapper: Any) -> tuple[Any, list[str], int]:
+        conn = raw(wrapper)
+        heard: list[str] = []
+        conn.add_notice_handler(lambda diag: heard.append(diag.message_primary))
+        conn.add_notify_handler(lambda notify: heard.append(notify.payload))
+        one(wrapper, "DO $$ BEGIN RAISE NOTICE 'hp-notice'; END $$")
+        conn.execute(f"LISTEN {channel}")
+        conn.execute(f"NOTIFY {channel}, 'hp-notify'")
+        one(wrapper, "SELECT 1")
+        return conn, heard, pid_of(wrapper)
+
+    seen = [in_thread(lambda: request(alias, later)) for _ in range(3)]
+    objects = [stale] + [conn for conn, _, _ in seen]
+    assert len({id(conn) for conn in objects}) == len(objects), "an object per request"
+    assert all(conn.closed for conn in objects)
+    assert [heard for _, heard, _ in seen] == [["hp-notice", "hp-notify"]] * 3
+    if is_pooled(engine):
+        assert {pid for _, _, pid in seen} == {pid1}, "MAX_CONNS=1: one session throughout"
+
+
+@ONLY_PSYCOPG3
+def test_a_cache_keyed_weakly_by_the_raw_connection_forgets_it_with_its_request(
+    register: Callable[..., str], engine: str
+) -> None:
+    """A library caching per connection (a ``WeakKeyDictionary`` keyed by
+    ``connection.connection``, a plain weak reference): with Django's own backend the
+    entry goes when the request's connection is closed and dropped; with herokupool's too,
+    although the session lives on in the pool (in another object)."""
+    import weakref
+
+    alias = register()
+    cache: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+    refs: list[Any] = []
+
+    def first(wrapper: Any) -> int:
+        conn = raw(wrapper)
+        cache[conn] = "registered types"
+        refs.append(weakref.ref(conn))
+        return pid_of(wrapper)
+
+    pid1 = in_thread(lambda: request(alias, first))
+    pid2, cached = in_thread(lambda: request(alias, lambda w: (pid_of(w), raw(w) in cache)))
+    assert not cached, "a new request's connection is not the cached one"
+    assert len(cache) == 0
+    assert refs[0]() is None
+    if is_pooled(engine):
+        assert pid2 == pid1
+
+
+@ONLY_PSYCOPG3
+def test_an_interruption_as_a_released_object_goes_is_never_swallowed(dsn: str) -> None:
+    """One released object goes at nearly every release. An exception a signal handler
+    raises while it goes (Celery's soft time limit in a task that releases in a loop) must
+    reach the loop: landing in a finalizer's Python code it would be printed and dropped,
+    and the task would never stop (found by the Celery test: with psycopg's own ``__del__``
+    about half of such interruptions were lost)."""
+    import signal
+
+    from herokupool.tracked_psycopg import TrackedConnection, successor
+
+    class Stop(BaseException):
+        pass
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Stop()
+
+    conn = TrackedConnection.connect(dsn, autocommit=True)
+    previous = signal.signal(signal.SIGALRM, handler)
+    stopped = ran_out = 0
+    try:
+        for _ in range(300):
+            signal.setitimer(signal.ITIMER_REAL, 0.00002)
+            try:
+                for _ in range(20_000):
+                    conn = successor(conn)
+                ran_out += 1
+            except Stop:
+                stopped += 1
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        conn.close()
+    assert (stopped, ran_out) == (300, 0)
+
+
+@ONLY_PSYCOPG3
 def test_an_unread_notification_is_not_read_by_the_next_request(
     register: Callable[..., str], engine: str
 ) -> None:
