@@ -122,6 +122,14 @@ class TrackedConnection(psycopg.Connection[Any]):
     docstring).  ``assumed_role`` is the role the backend's session set-up assumed on
     this session (Django's ``assume_role``), None for the login role."""
 
+    # psycopg's __del__ only warns about a connection freed while open, which a pooled one
+    # never is (the pool marks it as psycopg_pool does, see herokupool.drivers), and it is
+    # Python code: a signal handler's exception (Celery's soft time limit) landing in a
+    # finalizer is printed and swallowed, never reaching the code it was meant to stop.
+    # One goes at each release (see successor()) and whenever the pool closes one.  A C
+    # function that takes the object and does nothing.
+    __del__ = object.__init__  # type: ignore[assignment]
+
     def __init__(self, pgconn: Any, row_factory: Any = tuple_row) -> None:
         super().__init__(pgconn, row_factory)
         # The object libpq's notices and notifications go to, through one cell that
@@ -362,13 +370,6 @@ class ClosedAfterItsLoan(TrackedConnection):
         if name.startswith("__"):
             raise AttributeError(name)
         raise psycopg.OperationalError("the connection is closed")
-
-    # Nothing to finalize (psycopg's __del__ would only find it closed), and no Python code
-    # when the object goes: one goes at nearly every release, and a signal handler's
-    # exception (Celery's soft time limit) landing in a finalizer's Python code would be
-    # printed and swallowed, never reaching the code it was meant to stop.  A C function
-    # that takes the object and does nothing.
-    __del__ = object.__init__  # type: ignore[assignment]
 
 
 @functools.cache

@@ -455,12 +455,17 @@ def test_a_cache_keyed_weakly_by_the_raw_connection_forgets_it_with_its_request(
 
 
 @ONLY_PSYCOPG3
-def test_an_interruption_as_a_released_object_goes_is_never_swallowed(dsn: str) -> None:
-    """One released object goes at nearly every release. An exception a signal handler
-    raises while it goes (Celery's soft time limit in a task that releases in a loop) must
-    reach the loop: landing in a finalizer's Python code it would be printed and dropped,
-    and the task would never stop (found by the Celery test: with psycopg's own ``__del__``
-    about half of such interruptions were lost)."""
+@pytest.mark.parametrize("goes", ["released", "closed"])
+def test_an_interruption_as_a_connection_object_goes_is_never_swallowed(
+    dsn: str, goes: str
+) -> None:
+    """A connection object goes at nearly every release (``released``: the session moves to
+    a new one) and whenever the pool closes one (``closed``: expired, discarded, lost). An
+    exception a signal handler raises while it goes (Celery's soft time limit in a task
+    that borrows and releases in a loop) must reach the loop: landing in a finalizer's
+    Python code it would be printed and dropped, and the task would never stop (found by
+    the Celery test: with psycopg's own ``__del__`` about half of such interruptions were
+    lost)."""
     import signal
 
     from herokupool.tracked_psycopg import TrackedConnection, successor
@@ -472,6 +477,21 @@ def test_an_interruption_as_a_released_object_goes_is_never_swallowed(dsn: str) 
         raise Stop()
 
     conn = TrackedConnection.connect(dsn, autocommit=True)
+    conn._pool = None  # as the pool marks its connections (herokupool.drivers)
+    if goes == "closed":
+        conn.close()
+        state = conn.__dict__
+
+        def step() -> None:
+            gone = TrackedConnection.__new__(TrackedConnection)
+            gone.__dict__ = dict(state)  # a closed pooled connection, freed right here
+
+    else:
+
+        def step() -> None:
+            nonlocal conn
+            conn = successor(conn)
+
     previous = signal.signal(signal.SIGALRM, handler)
     stopped = ran_out = 0
     try:
@@ -479,7 +499,7 @@ def test_an_interruption_as_a_released_object_goes_is_never_swallowed(dsn: str) 
             signal.setitimer(signal.ITIMER_REAL, 0.00002)
             try:
                 for _ in range(20_000):
-                    conn = successor(conn)
+                    step()
                 ran_out += 1
             except Stop:
                 stopped += 1
