@@ -28,6 +28,7 @@ from django.db import (
 )
 
 from tests.conftest import Server
+from tests.helpers import Interrupted, interrupting
 from tests.integration.isolation.conftest import (
     DRIVER,
     in_thread,
@@ -466,15 +467,7 @@ def test_an_interruption_as_a_connection_object_goes_is_never_swallowed(
     Python code it would be printed and dropped, and the task would never stop (found by
     the Celery test: with psycopg's own ``__del__`` about half of such interruptions were
     lost)."""
-    import signal
-
     from herokupool.tracked_psycopg import TrackedConnection, successor
-
-    class Stop(BaseException):
-        pass
-
-    def handler(signum: int, frame: Any) -> None:
-        raise Stop()
 
     conn = TrackedConnection.connect(dsn, autocommit=True)
     conn._pool = None  # as the pool marks its connections (herokupool.drivers)
@@ -492,20 +485,17 @@ def test_an_interruption_as_a_connection_object_goes_is_never_swallowed(
             nonlocal conn
             conn = successor(conn)
 
-    previous = signal.signal(signal.SIGALRM, handler)
     stopped = ran_out = 0
     try:
         for _ in range(300):
-            signal.setitimer(signal.ITIMER_REAL, 0.00002)
             try:
-                for _ in range(20_000):
-                    step()
+                with interrupting(0.00002):
+                    for _ in range(20_000):
+                        step()
                 ran_out += 1
-            except Stop:
+            except Interrupted:
                 stopped += 1
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
         conn.close()
     assert (stopped, ran_out) == (300, 0)
 
