@@ -138,6 +138,9 @@ class TrackedConnection(psycopg.Connection[Any]):
         self._herokupool_target = target = [weakref.ref(self)]
         pgconn.notice_handler = functools.partial(_notice, target)
         pgconn.notify_handler = functools.partial(_notify, target)
+        # What successor() leaves the released object, made while connecting, so that no
+        # release makes it: libpq's connect_start() tries a socket, once per process.
+        _finished_pgconn()
         #: session.* flags of what the current loan changed.
         self.herokupool_flags = 0
         self.assumed_role: object = None
